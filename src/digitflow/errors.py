@@ -1,0 +1,105 @@
+"""The core's exceptions: each names one problem a user can act on.
+
+The web layer maps them to HTTP statuses in one place and the CLI turns them into one line and a
+distinct exit code (`exit_code`), so neither ever shows a traceback for a known failure.
+"""
+
+from __future__ import annotations
+
+
+class DigitflowError(Exception):
+    """Base of every error digitflow raises on purpose."""
+
+    exit_code: int = 1
+
+
+class ConfigError(DigitflowError):
+    """A configuration file or override is missing, malformed or unknown."""
+
+    exit_code = 2
+
+
+class DataNotFound(DigitflowError):
+    """The prepared data folder or one of its tables does not exist."""
+
+    exit_code = 3
+
+
+class TrackingUnavailable(DigitflowError):
+    """The MLflow tracking server does not answer."""
+
+    exit_code = 4
+
+
+class TrackingAuthError(DigitflowError):
+    """The MLflow tracking server refused the credentials (401/403)."""
+
+    exit_code = 5
+
+
+class ExperimentNotFound(DigitflowError):
+    """No experiment has that name."""
+
+    exit_code = 6
+
+
+class RunNotFound(DigitflowError):
+    """No run has that UUID."""
+
+    exit_code = 7
+
+
+class ArtifactNotFound(DigitflowError):
+    """The run exists but lacks the artifact asked for (e.g. `model/model.pt`)."""
+
+    exit_code = 8
+
+
+class StorageAuthError(DigitflowError):
+    """The object store refused the access keys."""
+
+    exit_code = 9
+
+
+class StorageUnavailable(DigitflowError):
+    """The object store endpoint does not answer."""
+
+    exit_code = 10
+
+
+class DestinationNotWritable(DigitflowError):
+    """The local folder artifacts should land in cannot be written."""
+
+    exit_code = 11
+
+
+class ModelNotFound(DigitflowError):
+    """The checkpoint file does not exist."""
+
+    exit_code = 12
+
+
+class InvalidCheckpoint(DigitflowError):
+    """The checkpoint is corrupt, unsafe (carries code) or does not fit the network."""
+
+    exit_code = 13
+
+
+class SelfTestFailed(DigitflowError):
+    """The loaded model does not reproduce the run's golden predictions."""
+
+    exit_code = 14
+
+
+class InvalidImage(DigitflowError):
+    """The bytes are not a decodable image (empty, truncated, corrupt or not an image)."""
+
+    exit_code = 15
+
+
+class UnsupportedImageFormat(InvalidImage):
+    """The bytes are an image, but in a format outside the allow-list."""
+
+
+class ImageTooLarge(InvalidImage):
+    """The image's header declares more pixels than the limit (a decompression bomb)."""

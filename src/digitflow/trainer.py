@@ -1,0 +1,193 @@
+"""A whole training run: data → CNN → per-epoch metrics → checkpoint + golden set, in MLflow."""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import json
+import logging
+import random
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import mlflow
+import numpy as np
+import torch
+
+from digitflow.checkpoint import save_checkpoint
+from digitflow.data import DigitSet, load_split
+from digitflow.device import device_from_name
+from digitflow.model import Net
+from digitflow.tracking import TrackingTarget, ensure_experiment
+from digitflow.train_config import TrainConfig
+from digitflow.training import Augmentation, evaluate, predict_labels, train_one_epoch
+
+logger = logging.getLogger(__name__)
+
+CONFIG_DIGEST_TAG = "digitflow.config_digest"
+MODEL_ARTIFACT = "model/model.pt"
+CONFIG_ARTIFACT = "train_model_config.json"
+GOLDEN_ARTIFACT = "model/golden.json"
+
+
+@dataclass(frozen=True)
+class TrainResult:
+    """What a finished run produced."""
+
+    run_id: str
+    artifact_uri: str
+    test_accuracy: float
+    test_loss: float
+    seconds: float
+
+
+def config_digest(config: TrainConfig) -> str:
+    """A short stable hash of the resolved config, tagged on the run to find it again."""
+    return hashlib.sha256(config.to_json().encode()).hexdigest()[:16]
+
+
+def seed_everything(seed: int) -> torch.Generator:
+    """Seed Python, NumPy and torch; return the generator that drives shuffling and augmentation."""
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+    return torch.Generator().manual_seed(seed)
+
+
+def golden_set(
+    model: Net, data_dir: Path, test: DigitSet, count: int, device: torch.device
+) -> dict[str, object]:
+    """`count` held-out images (PNG bytes, base64), spread over the classes, with the predictions
+    this model makes for them, so a server can prove it reproduces the run."""
+    per_class: dict[int, list[int]] = {}
+    for i, label in enumerate(test.labels.tolist()):
+        per_class.setdefault(int(label), []).append(i)
+    chosen: list[int] = []
+    rank = 0
+    while len(chosen) < min(count, len(test)):
+        for members in per_class.values():
+            if rank < len(members) and len(chosen) < count:
+                chosen.append(members[rank])
+        rank += 1
+    predictions = predict_labels(model, test.images[chosen], device).tolist()
+    images = [
+        {
+            "filepath": test.filepaths[i],
+            "label": int(test.labels[i]),
+            "prediction": str(prediction),
+            "png_base64": base64.b64encode((data_dir / test.filepaths[i]).read_bytes()).decode(),
+        }
+        for i, prediction in zip(chosen, predictions, strict=True)
+    ]
+    return {"format": 1, "images": images}
+
+
+def run_training(
+    config: TrainConfig, data_dir: Path, target: TrackingTarget, progress: bool = True
+) -> TrainResult:
+    """Train `Net` as `config` says on the PNGs in `data_dir` and log it all to `target`."""
+    started = time.perf_counter()
+    device = device_from_name(config.device)
+    if config.num_threads:
+        torch.set_num_threads(config.num_threads)
+    generator = seed_everything(config.seed)
+    train = load_split(data_dir, "train", progress=progress)
+    test = load_split(data_dir, "test", progress=progress)
+    if config.train_limit:
+        train = train.subset(config.train_limit)
+
+    model = Net().to(device)
+    optimiser = torch.optim.Adadelta(model.parameters(), lr=config.lr)
+    scheduler = torch.optim.lr_scheduler.StepLR(optimiser, step_size=1, gamma=config.gamma)
+    augmentation = Augmentation() if config.augment else None
+
+    experiment_id = ensure_experiment(target, config.mlflow_exp_name)
+    tags = {CONFIG_DIGEST_TAG: config_digest(config), "digitflow.device": str(device)}
+    with (
+        mlflow.start_run(
+            experiment_id=experiment_id, run_name=config.mlflow_run_name, tags=tags
+        ) as run,
+        tempfile.TemporaryDirectory(prefix="digitflow-train-") as tmp,
+    ):
+        mlflow.log_params(config.to_dict())
+        mlflow.log_params({"train_size": len(train), "test_size": len(test)})
+        workdir = Path(tmp)
+        train_metrics = test_metrics = None
+        for epoch in range(1, config.epochs + 1):
+            train_metrics = train_one_epoch(
+                model,
+                train,
+                optimiser,
+                device,
+                config.train_bs,
+                generator,
+                augmentation,
+                progress=progress,
+                description=f"epoch {epoch}/{config.epochs}",
+            )
+            test_metrics = evaluate(model, test, device, config.test_bs)
+            scheduler.step()
+            mlflow.log_metrics(
+                {
+                    "train_loss": train_metrics.loss,
+                    "train_accuracy": train_metrics.accuracy,
+                    "test_loss": test_metrics.loss,
+                    "test_accuracy": test_metrics.accuracy,
+                },
+                step=epoch,
+            )
+            if progress:
+                logger.info(
+                    "epoch %d/%d: train_loss %.4f, test_loss %.4f, test_accuracy %.4f",
+                    epoch,
+                    config.epochs,
+                    train_metrics.loss,
+                    test_metrics.loss,
+                    test_metrics.accuracy,
+                )
+            interval = config.model_checkpoint_interval
+            if interval and epoch % interval == 0 and epoch != config.epochs:
+                path = workdir / "checkpoints" / f"epoch-{epoch}" / "model.pt"
+                save_checkpoint(
+                    path, model, optimiser, epoch, train_metrics.loss, test_metrics.loss
+                )
+                mlflow.log_artifact(str(path), f"checkpoints/epoch-{epoch}")
+        assert train_metrics is not None and test_metrics is not None
+
+        model_dir = workdir / "model"
+        save_checkpoint(
+            model_dir / "model.pt",
+            model,
+            optimiser,
+            config.epochs,
+            train_metrics.loss,
+            test_metrics.loss,
+        )
+        golden = golden_set(model, data_dir, test, config.golden_count, device)
+        (model_dir / "golden.json").write_text(json.dumps(golden))
+        mlflow.log_artifacts(str(model_dir), "model")
+        mlflow.log_dict(config.to_dict(), CONFIG_ARTIFACT)
+        return TrainResult(
+            run_id=run.info.run_id,
+            artifact_uri=str(run.info.artifact_uri),
+            test_accuracy=test_metrics.accuracy,
+            test_loss=test_metrics.loss,
+            seconds=time.perf_counter() - started,
+        )
+
+
+def find_latest_run(target: TrackingTarget, experiment_name: str, digest: str) -> str | None:
+    """The newest FINISHED run of `experiment_name` trained with the config of `digest`."""
+    client = target.client()
+    experiment = client.get_experiment_by_name(experiment_name)
+    if experiment is None:
+        return None
+    runs = client.search_runs(
+        [experiment.experiment_id],
+        filter_string=f"tags.`{CONFIG_DIGEST_TAG}` = '{digest}' and attributes.status = 'FINISHED'",
+        order_by=["attributes.start_time DESC"],
+        max_results=1,
+    )
+    return str(runs[0].info.run_id) if runs else None
