@@ -15,6 +15,7 @@ import numpy.typing as npt
 import torch
 
 from digitflow.checkpoint import load_model
+from digitflow.errors import ConfigError
 from digitflow.model import Net
 
 
@@ -34,8 +35,21 @@ class Classifier:
         self.model = model.to(self.device).eval()
 
     @classmethod
-    def from_checkpoint(cls, path: Path, device: torch.device | None = None) -> Classifier:
-        """Load the checkpoint at `path` safely (see `checkpoint.load_model`)."""
+    def from_checkpoint(
+        cls,
+        path: Path,
+        device: torch.device | None = None,
+        backend: str = "torch",
+        num_threads: int | None = None,
+    ) -> Classifier:
+        """Load the checkpoint at `path` safely (see `checkpoint.load_model`).
+
+        `backend` names the engine (`torch` for now); `num_threads` caps intra-op threads.
+        """
+        if backend != "torch":
+            raise ConfigError(f"unknown inference backend {backend!r}; known: torch")
+        if num_threads:
+            torch.set_num_threads(num_threads)
         device = device or torch.device("cpu")
         return cls(load_model(path, device), device)
 
