@@ -103,6 +103,7 @@ def run_training(
     scheduler = torch.optim.lr_scheduler.StepLR(optimiser, step_size=1, gamma=config.gamma)
     augmentation = Augmentation() if config.augment else None
 
+    mlflow.set_tracking_uri(target.uri)
     experiment_id = ensure_experiment(target, config.mlflow_exp_name)
     tags = {CONFIG_DIGEST_TAG: config_digest(config), "digitflow.device": str(device)}
     with (
