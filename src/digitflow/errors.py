@@ -103,3 +103,21 @@ class UnsupportedImageFormat(InvalidImage):
 
 class ImageTooLarge(InvalidImage):
     """The image's header declares more pixels than the limit (a decompression bomb)."""
+
+
+class ArtifactIntegrityError(DigitflowError):
+    """A downloaded artifact does not match the size or checksum the store reported."""
+
+    exit_code = 21
+
+
+class UnsupportedArtifactLocation(DigitflowError):
+    """The run's artifact location is neither s3://, mlflow-artifacts: nor a local folder."""
+
+    exit_code = 22
+
+
+class RegisteredModelNotFound(DigitflowError):
+    """No registered model version matches `models:/<name>/<version>` or `@<alias>`."""
+
+    exit_code = 23
