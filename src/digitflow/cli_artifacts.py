@@ -41,7 +41,7 @@ TrackingUri = Annotated[
     str | None,
     typer.Option(
         "--tracking-uri",
-        help="MLflow tracking server [env: MLFLOW_TRACKING_URI]; unset: the embedded mlruns/.",
+        help="MLflow tracking server (env MLFLOW_TRACKING_URI); unset: the embedded mlruns/.",
         show_default=False,
     ),
 ]
@@ -49,8 +49,8 @@ S3Endpoint = Annotated[
     str | None,
     typer.Option(
         "--s3-endpoint-url",
-        help="S3-compatible endpoint for s3:// artifacts [env: MLFLOW_S3_ENDPOINT_URL, "
-        "AWS_ENDPOINT_URL].",
+        help="S3-compatible endpoint for s3:// artifacts (env MLFLOW_S3_ENDPOINT_URL, "
+        "else AWS_ENDPOINT_URL).",
         show_default=False,
     ),
 ]

@@ -1,0 +1,168 @@
+"""Session fixtures for the artifact tests: a real S3 server and three real MLflow servers.
+
+- `s3_server`: SeaweedFS (`weed server -s3`) with one accepted access key and a bucket `mlflow`.
+- `mlflow_stack`: three `mlflow server` processes (SQLite) storing artifacts in that S3 server:
+  `proxy` (artifact proxy, `mlflow-artifacts:` locations), `plain` (a plain `s3://` root the client
+  reads itself) and `auth` (artifact proxy behind basic auth). They start together to save time.
+- `stack_runs`: a small real training run logged to each server, a run without `model/model.pt`,
+  a registered model `digits` (version 1, alias `champion`) and a run with a large extra artifact.
+
+Every process runs on 127.0.0.1 and is stopped by PID at the end of the session.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+from mlflow.tracking import MlflowClient
+
+from digitflow.tracking import TrackingTarget
+from digitflow.train_config import load_train_config
+from digitflow.trainer import run_training
+from tests.support.mlflow_server import basic_auth_env, launch_mlflow_server
+from tests.support.processes import ServerProcess, stop_process, wait_for_http
+from tests.support.seaweedfs import S3Server, start_seaweedfs
+
+BUCKET = "mlflow"
+ADMIN = "admin"
+ADMIN_PASSWORD = "digitflow-admin-pw-1"
+TINY_TRAINING = ["epochs=1", "train_limit=300", "golden_count=10", "test_bs=500"]
+BIG_ARTIFACT_MB = 48
+
+
+@dataclass
+class MlflowStack:
+    s3: S3Server
+    proxy: ServerProcess
+    plain: ServerProcess
+    auth: ServerProcess
+
+
+@dataclass
+class StackRuns:
+    proxy_run: str
+    plain_run: str
+    auth_run: str
+    no_model_run: str
+    big_run: str
+    big_artifact_size: int
+
+
+@pytest.fixture(scope="session")
+def s3_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[S3Server]:
+    """SeaweedFS with access keys, data in a temp dir; a bucket `mlflow` for the MLflow servers."""
+    server = start_seaweedfs(tmp_path_factory.mktemp("seaweedfs"))
+    try:
+        server.create_bucket(BUCKET)
+        yield server
+    finally:
+        stop_process(server.server, timeout=5)
+
+
+@pytest.fixture(scope="session")
+def mlflow_stack(
+    s3_server: S3Server, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[MlflowStack]:
+    """Three MLflow servers over the same S3 server: proxy, plain s3:// root, proxy + basic auth."""
+    root = tmp_path_factory.mktemp("mlflow-stack")
+    s3_env = s3_server.env()
+    started: list[ServerProcess] = []
+    try:
+        proxy = launch_mlflow_server(
+            root / "proxy",
+            ["--artifacts-destination", f"s3://{BUCKET}/proxied", "--serve-artifacts"],
+            env=s3_env,
+        )
+        started.append(proxy)
+        plain = launch_mlflow_server(
+            root / "plain",
+            ["--default-artifact-root", f"s3://{BUCKET}/plain", "--no-serve-artifacts"],
+            env=s3_env,
+        )
+        started.append(plain)
+        auth = launch_mlflow_server(
+            root / "auth",
+            [
+                "--artifacts-destination",
+                f"s3://{BUCKET}/auth",
+                "--serve-artifacts",
+                "--app-name",
+                "basic-auth",
+            ],
+            env={**s3_env, **basic_auth_env(root / "auth", ADMIN, ADMIN_PASSWORD)},
+        )
+        started.append(auth)
+        for server in started:
+            wait_for_http(server, "/health", 180)
+        yield MlflowStack(s3=s3_server, proxy=proxy, plain=plain, auth=auth)
+    finally:
+        for server in started:
+            stop_process(server)
+
+
+def _train(data_dir: Path, uri: str, name: str) -> str:
+    config = load_train_config(None, [*TINY_TRAINING, f"mlflow_run_name={name}"])
+    return run_training(config, data_dir, TrackingTarget(uri=uri), progress=False).run_id
+
+
+@pytest.fixture(scope="session")
+def stack_runs(
+    mlflow_stack: MlflowStack, data_dir: Path, tmp_path_factory: pytest.TempPathFactory
+) -> StackRuns:
+    """Real training runs on each server, plus the odd runs the error tests need."""
+    s3 = mlflow_stack.s3
+    with pytest.MonkeyPatch.context() as patch:
+        for key in [k for k in os.environ if k.startswith(("MLFLOW_", "AWS_"))]:
+            patch.delenv(key)
+        proxy_run = _train(data_dir, mlflow_stack.proxy.url, "proxy-run")
+        for key, value in s3.env().items():
+            patch.setenv(key, value)
+        plain_run = _train(data_dir, mlflow_stack.plain.url, "plain-run")
+        patch.setenv("MLFLOW_TRACKING_USERNAME", ADMIN)
+        patch.setenv("MLFLOW_TRACKING_PASSWORD", ADMIN_PASSWORD)
+        auth_run = _train(data_dir, mlflow_stack.auth.url, "auth-run")
+        patch.delenv("MLFLOW_TRACKING_USERNAME")
+        patch.delenv("MLFLOW_TRACKING_PASSWORD")
+
+        client = MlflowClient(tracking_uri=mlflow_stack.proxy.url)
+        experiment_id = client.get_run(proxy_run).info.experiment_id
+        no_model = client.create_run(experiment_id, run_name="no-model").info.run_id
+        client.log_dict(no_model, {"epochs": 1}, "train_model_config.json")
+        client.set_terminated(no_model)
+
+        client.create_registered_model("digits")
+        client.create_model_version("digits", source=f"runs:/{proxy_run}/model", run_id=proxy_run)
+        client.set_registered_model_alias("digits", "champion", "1")
+
+        blob_dir = tmp_path_factory.mktemp("big-artifact") / "extra"
+        blob_dir.mkdir()
+        (blob_dir / "blob.bin").write_bytes(os.urandom(BIG_ARTIFACT_MB << 20))
+        big_run = client.create_run(experiment_id, run_name="big").info.run_id
+        proxy_artifacts = client.list_artifacts(proxy_run, "model")
+        assert any(a.path == "model/model.pt" for a in proxy_artifacts)
+        local_model = Path(client.download_artifacts(proxy_run, "model", str(blob_dir.parent)))
+        client.log_artifacts(big_run, str(local_model), "model")
+        client.log_artifacts(big_run, str(blob_dir), "extra")
+        client.set_terminated(big_run)
+    return StackRuns(
+        proxy_run=proxy_run,
+        plain_run=plain_run,
+        auth_run=auth_run,
+        no_model_run=no_model,
+        big_run=big_run,
+        big_artifact_size=BIG_ARTIFACT_MB << 20,
+    )
+
+
+@pytest.fixture
+def silent_port() -> Iterator[int]:
+    """A port that accepts TCP connections but never answers (requests must time out)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        sock.listen(64)
+        yield int(sock.getsockname()[1])
