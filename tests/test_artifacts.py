@@ -18,6 +18,7 @@ import pytest
 from digitflow.artifact_sources import RemoteFile, TransientError
 from digitflow.artifacts import (
     MANIFEST_NAME,
+    RETRY_BACKOFF,
     StoreConfig,
     _sync_run,
     list_experiments,
@@ -41,7 +42,17 @@ from digitflow.errors import (
     TrackingAuthError,
     TrackingUnavailable,
 )
-from tests.support.artifact_stores import ADMIN, ADMIN_PASSWORD, BUCKET, MlflowStack, StackRuns
+from digitflow.tracking import embedded_target
+from digitflow.train_config import load_train_config
+from digitflow.trainer import run_training
+from tests.support.artifact_stores import (
+    ADMIN,
+    ADMIN_PASSWORD,
+    BUCKET,
+    TINY_TRAINING,
+    MlflowStack,
+    StackRuns,
+)
 from tests.support.processes import free_port
 
 SEED_FILES = {"model/model.pt", "model/golden.json", "train_model_config.json"}
@@ -286,6 +297,21 @@ def test_a_missing_local_model_path_is_reported(tmp_path: Path) -> None:
         resolve_model(str(tmp_path / "nope" / "model.pt"), tmp_path, StoreConfig())
 
 
+def test_the_embedded_store_lists_runs_and_pulls_from_its_local_folder(
+    data_dir: Path, tmp_path_factory: pytest.TempPathFactory, tmp_path: Path
+) -> None:
+    mlruns = tmp_path_factory.mktemp("embedded") / "mlruns"
+    config = load_train_config(None, [*TINY_TRAINING, "mlflow_run_name=embedded"])
+    run_id = run_training(config, data_dir, embedded_target(mlruns), progress=False).run_id
+    store = StoreConfig(mlruns_dir=mlruns)
+    experiment, runs = list_runs(store)
+    assert experiment.artifact_location.startswith("file://")
+    assert [r.run_id for r in runs] == [run_id]
+    result = pull_run_artifacts(run_id, tmp_path, store)
+    assert tree(result.run_dir / "artifacts") == tree(mlruns / "artifacts" / run_id / "artifacts")
+    assert resolve_model(f"runs:/{run_id}/model", tmp_path, store).model_path == result.model_path
+
+
 # --- errors ------------------------------------------------------------------------------------
 
 
@@ -409,21 +435,27 @@ def fake_files() -> dict[str, bytes]:
 def test_transient_download_errors_are_retried_with_backoff(tmp_path: Path) -> None:
     source = FlakySource(fake_files(), failures=2)
     files = source.list_files()
-    result = _sync_run("b" * 32, files, source, tmp_path, workers=4, progress=False)
+    started = time.monotonic()
+    result = _sync_run("b" * 32, files, source, tmp_path, workers=len(files), progress=False)
+    assert time.monotonic() - started >= RETRY_BACKOFF * 3  # waited 0.5 s, then 1 s
     assert all(count == 3 for count in source.calls.values())
     assert tree(result.run_dir / "artifacts") == source.files
 
 
 def test_a_file_that_keeps_arriving_short_fails_the_pull_and_leaves_nothing(
-    tmp_path: Path,
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    monkeypatch.setattr("digitflow.artifacts.RETRY_BACKOFF", 0.01)
     source = FlakySource(fake_files(), short=True)
     with pytest.raises(StorageUnavailable):
         _sync_run("c" * 32, source.list_files(), source, tmp_path, workers=2, progress=False)
     assert list(tmp_path.iterdir()) == []
 
 
-def test_a_size_mismatch_is_an_integrity_error(tmp_path: Path) -> None:
+def test_a_size_mismatch_is_an_integrity_error(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr("digitflow.artifacts.RETRY_BACKOFF", 0.01)
     source = FlakySource(fake_files())
     files = [RemoteFile(f.path, f.size + 1) for f in source.list_files()]
     with pytest.raises(ArtifactIntegrityError, match="bytes"):

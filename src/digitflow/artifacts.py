@@ -385,6 +385,25 @@ def _local_copy_matches(run_dir: Path, remote: RemoteFile, manifest: Mapping[str
         return False
 
 
+STALE_AFTER_SECONDS = 24 * 3600
+
+
+class PullCancelled(Exception):
+    """Raised inside a download thread once another download has failed or Ctrl-C was pressed."""
+
+
+def _staging_is_stale(path: Path, pid: int | None) -> bool:
+    """A staging folder is stale when its pull's process is gone (or, on Windows, after a day)."""
+    if pid == os.getpid():
+        return False
+    if os.name == "nt" or pid is None:
+        try:
+            return time.time() - path.stat().st_mtime > STALE_AFTER_SECONDS
+        except OSError:
+            return False
+    return not _pid_alive(pid)
+
+
 def _pid_alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
@@ -400,9 +419,7 @@ def _remove_stale_staging(dest: Path, run_id: str) -> None:
     for leftover in dest.glob(f".{run_id}.*"):
         parts = leftover.name.split(".")[2].split("-")
         pid = int(parts[1]) if len(parts) > 1 and parts[1].isdigit() else None
-        if pid is not None and pid != os.getpid() and _pid_alive(pid):
-            continue
-        if pid == os.getpid():
+        if not _staging_is_stale(leftover, pid):
             continue
         logger.info("removing %s left by an interrupted pull", leftover.name)
         shutil.rmtree(leftover, ignore_errors=True)
@@ -419,15 +436,24 @@ def _staging_dir(dest: Path, run_id: str) -> Path:
 
 
 def _download_one(
-    source: ArtifactSource, remote: RemoteFile, target: Path, bar: tqdm[Any], lock: threading.Lock
+    source: ArtifactSource,
+    remote: RemoteFile,
+    target: Path,
+    bar: tqdm[Any],
+    lock: threading.Lock,
+    cancelled: threading.Event,
 ) -> dict[str, Any]:
     """Download one file with retries; verify its size (and MD5); return its manifest entry."""
     target.parent.mkdir(parents=True, exist_ok=True)
     for attempt in range(1, RETRY_ATTEMPTS + 1):
+        if cancelled.is_set():
+            raise PullCancelled(remote.path)
         written = 0
 
         def on_bytes(count: int) -> None:
             nonlocal written
+            if cancelled.is_set():
+                raise PullCancelled(remote.path)
             written += count
             with lock:
                 bar.update(count)
@@ -503,13 +529,22 @@ def _sync_run(
             ) as bar,
             ThreadPoolExecutor(max_workers=max(1, workers)) as pool,
         ):
+            cancelled = threading.Event()
             futures = [
-                pool.submit(_download_one, source, f, staging / "artifacts" / f.path, bar, lock)
+                pool.submit(
+                    _download_one, source, f, staging / "artifacts" / f.path, bar, lock, cancelled
+                )
                 for f in missing
             ]
-            for future in futures:
-                entry = future.result()
-                entries[entry["path"]] = entry
+            try:
+                for future in futures:
+                    entry = future.result()
+                    entries[entry["path"]] = entry
+            except BaseException:
+                cancelled.set()
+                for future in futures:
+                    future.cancel()
+                raise
         (staging / MANIFEST_NAME).write_text(
             json.dumps(
                 {"run_id": run_id, "files": sorted(entries.values(), key=lambda e: e["path"])}

@@ -1,7 +1,7 @@
 """Session fixtures for the artifact tests: a real S3 server and three real MLflow servers.
 
-- `s3_server`: SeaweedFS (`weed server -s3`) with one accepted access key and a bucket `mlflow`.
-- `mlflow_stack`: three `mlflow server` processes (SQLite) storing artifacts in that S3 server:
+- `mlflow_stack`: SeaweedFS (`weed server -s3`, one accepted access key, a bucket `mlflow`) and
+  three `mlflow server` processes (SQLite) storing artifacts in that S3 server:
   `proxy` (artifact proxy, `mlflow-artifacts:` locations), `plain` (a plain `s3://` root the client
   reads itself) and `auth` (artifact proxy behind basic auth). They start together to save time.
 - `stack_runs`: a small real training run logged to each server, a run without `model/model.pt`,
@@ -12,8 +12,12 @@ Every process runs on 127.0.0.1 and is stopped by PID at the end of the session.
 
 from __future__ import annotations
 
+import contextlib
 import os
+import signal
 import socket
+import subprocess
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,7 +30,7 @@ from digitflow.train_config import load_train_config
 from digitflow.trainer import run_training
 from tests.support.mlflow_server import basic_auth_env, launch_mlflow_server
 from tests.support.processes import ServerProcess, stop_process, wait_for_http
-from tests.support.seaweedfs import S3Server, start_seaweedfs
+from tests.support.seaweedfs import S3Server, launch_seaweedfs, wait_until_writable
 
 BUCKET = "mlflow"
 ADMIN = "admin"
@@ -53,26 +57,32 @@ class StackRuns:
     big_artifact_size: int
 
 
-@pytest.fixture(scope="session")
-def s3_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[S3Server]:
-    """SeaweedFS with access keys, data in a temp dir; a bucket `mlflow` for the MLflow servers."""
-    server = start_seaweedfs(tmp_path_factory.mktemp("seaweedfs"))
-    try:
-        server.create_bucket(BUCKET)
-        yield server
-    finally:
-        stop_process(server.server, timeout=5)
+def stop_all(servers: list[ServerProcess], timeout: float = 5.0) -> None:
+    """SIGTERM every server's process group at once, then SIGKILL what lingers (by PID)."""
+    for server in servers:
+        if server.alive():
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(server.pid, signal.SIGTERM)
+    deadline = time.monotonic() + timeout
+    for server in servers:
+        try:
+            server.process.wait(timeout=max(0.1, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            stop_process(server, timeout=0.1)
 
 
 @pytest.fixture(scope="session")
-def mlflow_stack(
-    s3_server: S3Server, tmp_path_factory: pytest.TempPathFactory
-) -> Iterator[MlflowStack]:
-    """Three MLflow servers over the same S3 server: proxy, plain s3:// root, proxy + basic auth."""
+def mlflow_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[MlflowStack]:
+    """SeaweedFS and three MLflow servers over it: proxy, plain s3:// root, proxy + basic auth.
+
+    All four processes start at once (the MLflow servers do not touch S3 until asked to).
+    """
     root = tmp_path_factory.mktemp("mlflow-stack")
-    s3_env = s3_server.env()
     started: list[ServerProcess] = []
     try:
+        s3 = launch_seaweedfs(root / "seaweedfs")
+        started.append(s3.server)
+        s3_env = s3.env()
         proxy = launch_mlflow_server(
             root / "proxy",
             ["--artifacts-destination", f"s3://{BUCKET}/proxied", "--serve-artifacts"],
@@ -97,12 +107,13 @@ def mlflow_stack(
             env={**s3_env, **basic_auth_env(root / "auth", ADMIN, ADMIN_PASSWORD)},
         )
         started.append(auth)
-        for server in started:
+        wait_until_writable(s3, 120)
+        s3.create_bucket(BUCKET)
+        for server in started[1:]:
             wait_for_http(server, "/health", 180)
-        yield MlflowStack(s3=s3_server, proxy=proxy, plain=plain, auth=auth)
+        yield MlflowStack(s3=s3, proxy=proxy, plain=plain, auth=auth)
     finally:
-        for server in started:
-            stop_process(server)
+        stop_all(started)
 
 
 def _train(data_dir: Path, uri: str, name: str) -> str:

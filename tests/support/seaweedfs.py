@@ -71,7 +71,14 @@ def _identities() -> dict[str, object]:
 
 
 def start_seaweedfs(workdir: Path, timeout: float = 90.0) -> S3Server:
-    """Start `weed server -s3` with every port explicit and data in `workdir`."""
+    """Start `weed server -s3` and wait until it accepts writes."""
+    s3_server = launch_seaweedfs(workdir)
+    wait_until_writable(s3_server, timeout)
+    return s3_server
+
+
+def launch_seaweedfs(workdir: Path) -> S3Server:
+    """Start `weed server -s3` with every port explicit and data in `workdir`; do not wait."""
     workdir.mkdir(parents=True, exist_ok=True)
     data = workdir / "data"
     data.mkdir(exist_ok=True)
@@ -103,12 +110,10 @@ def start_seaweedfs(workdir: Path, timeout: float = 90.0) -> S3Server:
     ]
     endpoint = f"http://127.0.0.1:{s3}"
     server = start_process(command, workdir / "weed.log", endpoint, cwd=workdir)
-    s3_server = S3Server(server=server, endpoint_url=endpoint)
-    _wait_until_writable(s3_server, timeout)
-    return s3_server
+    return S3Server(server=server, endpoint_url=endpoint)
 
 
-def _wait_until_writable(s3: S3Server, timeout: float) -> None:
+def wait_until_writable(s3: S3Server, timeout: float) -> None:
     """Wait until a bucket can be created and an object written (volumes are allocated lazily)."""
     deadline = time.monotonic() + timeout
     last: Exception | None = None
