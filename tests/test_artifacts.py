@@ -49,6 +49,8 @@ from tests.support.artifact_stores import (
     ADMIN,
     ADMIN_PASSWORD,
     BUCKET,
+    OUTSIDER,
+    OUTSIDER_PASSWORD,
     TINY_TRAINING,
     MlflowStack,
     StackRuns,
@@ -341,6 +343,20 @@ def test_wrong_or_missing_mlflow_credentials_are_refused(
         pull_run_artifacts(stack_runs.auth_run, tmp_path, auth_store(mlflow_stack, "wrong"))
     with pytest.raises(TrackingAuthError, match="missing"):
         list_experiments(auth_store(mlflow_stack, None))
+
+
+def test_a_user_without_permission_on_the_experiment_gets_403(
+    mlflow_stack: MlflowStack, stack_runs: StackRuns, tmp_path: Path
+) -> None:
+    store = StoreConfig(
+        tracking_uri=mlflow_stack.auth.url,
+        username=OUTSIDER,
+        password=OUTSIDER_PASSWORD,
+        timeout=5.0,
+    )
+    with pytest.raises(TrackingAuthError, match=r"PERMISSION_DENIED|403"):
+        pull_run_artifacts(stack_runs.auth_run, tmp_path, store)
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_wrong_s3_keys_are_refused(

@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+import requests
 from mlflow.tracking import MlflowClient
 
 from digitflow.tracking import TrackingTarget
@@ -37,6 +38,8 @@ ADMIN = "admin"
 ADMIN_PASSWORD = "digitflow-admin-pw-1"
 TINY_TRAINING = ["epochs=1", "train_limit=300", "golden_count=10", "test_bs=500"]
 BIG_ARTIFACT_MB = 48
+OUTSIDER = "outsider"
+OUTSIDER_PASSWORD = "outsider-pw-1"
 
 
 @dataclass
@@ -139,6 +142,7 @@ def stack_runs(
         auth_run = _train(data_dir, mlflow_stack.auth.url, "auth-run")
         patch.delenv("MLFLOW_TRACKING_USERNAME")
         patch.delenv("MLFLOW_TRACKING_PASSWORD")
+        _add_user_without_access(mlflow_stack.auth.url, auth_run)
 
         client = MlflowClient(tracking_uri=mlflow_stack.proxy.url)
         experiment_id = client.get_run(proxy_run).info.experiment_id
@@ -168,6 +172,34 @@ def stack_runs(
         big_run=big_run,
         big_artifact_size=BIG_ARTIFACT_MB << 20,
     )
+
+
+def _add_user_without_access(url: str, run_id: str) -> None:
+    """Create `OUTSIDER` through the auth REST API with a DENY grant on the run's experiment."""
+    admin = (ADMIN, ADMIN_PASSWORD)
+    created = requests.post(
+        f"{url}/api/2.0/mlflow/users/create",
+        json={"username": OUTSIDER, "password": OUTSIDER_PASSWORD},
+        auth=admin,
+        timeout=10,
+    )
+    assert created.status_code == 200, created.text
+    run = requests.get(
+        f"{url}/api/2.0/mlflow/runs/get", params={"run_id": run_id}, auth=admin, timeout=10
+    )
+    experiment_id = run.json()["run"]["info"]["experiment_id"]
+    denied = requests.post(
+        f"{url}/api/3.0/mlflow/users/permissions/grant",
+        json={
+            "username": OUTSIDER,
+            "resource_type": "experiment",
+            "resource_id": experiment_id,
+            "permission": "DENY",
+        },
+        auth=admin,
+        timeout=10,
+    )
+    assert denied.status_code == 200, denied.text
 
 
 @pytest.fixture
