@@ -9,6 +9,7 @@ retrying.
 from __future__ import annotations
 
 import shutil
+import time
 import urllib.parse
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -43,6 +44,7 @@ S3_AUTH_CODES = frozenset(
 )
 S3_MISSING_CODES = frozenset({"NoSuchBucket", "NoSuchKey", "404"})
 PROXY_ROUTE = "/api/2.0/mlflow-artifacts/artifacts"
+LIST_RETRY_PAUSE = 0.5
 
 OnBytes = Callable[[int], None]
 
@@ -267,11 +269,18 @@ class ProxySource:
         return files
 
     def list_files(self) -> list[RemoteFile]:
-        """Every file under the run's artifact root, walking folders one request each."""
+        """Every file under the run's artifact root, walking folders one request each.
+
+        A transient failure (connection reset, 5xx) is retried once after a short pause.
+        """
         try:
             files = self._list(self.root)
-        except TransientError as exc:
-            raise exc.final from None
+        except TransientError:
+            time.sleep(LIST_RETRY_PAUSE)
+            try:
+                files = self._list(self.root)
+            except TransientError as exc:
+                raise exc.final from None
         cut = len(self.root) + 1 if self.root else 0
         return [RemoteFile(f.path[cut:], f.size) for f in files]
 
