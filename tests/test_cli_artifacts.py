@@ -7,6 +7,8 @@ as a child process, the latter killing it with SIGKILL mid-download.
 
 from __future__ import annotations
 
+import base64
+import json
 import os
 import signal
 import subprocess
@@ -14,11 +16,22 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
+import torch
 from typer.testing import CliRunner, Result
 
 from digitflow.artifacts import file_sha256, verify_pulled_run
+from digitflow.checkpoint import load_model
 from digitflow.cli import app
-from tests.support.artifact_stores import ADMIN, ADMIN_PASSWORD, BUCKET, MlflowStack, StackRuns
+from digitflow.preprocess import bytes_to_input
+from tests.support.artifact_stores import (
+    ADMIN,
+    ADMIN_PASSWORD,
+    BUCKET,
+    TINY_TRAINING,
+    MlflowStack,
+    StackRuns,
+)
 from tests.support.processes import free_port
 
 DIGITFLOW = str(Path(sys.executable).with_name("digitflow"))
@@ -151,6 +164,35 @@ def test_eval_of_the_pull_output_in_bash_points_at_the_pulled_model(
     )
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == stack_runs.proxy_run
+
+
+def test_train_then_pull_through_a_plain_s3_server_gives_a_loadable_model(
+    mlflow_stack: MlflowStack, data_dir: Path, tmp_path: Path
+) -> None:
+    env = {k: v for k, v in os.environ.items() if k not in CLEARED}
+    env.update(s3_env(mlflow_stack))
+    trained = subprocess.run(
+        [DIGITFLOW, "train", *TINY_TRAINING, "mlflow_run_name=loop", "--data-dir", str(data_dir)],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+    )
+    assert trained.returncode == 0, trained.stderr
+    run_id = next(
+        line.split()[-1] for line in trained.stdout.splitlines() if line.startswith("run UUID:")
+    )
+    pulled = invoke(
+        "pull", run_id, "--dest", str(tmp_path), "--no-progress", env=s3_env(mlflow_stack)
+    )
+    assert pulled.exit_code == 0, pulled.stderr
+    artifacts = tmp_path / run_id / "artifacts"
+    model = load_model(artifacts / "model" / "model.pt")
+    golden = json.loads((artifacts / "model" / "golden.json").read_text())["images"]
+    batch = np.stack([bytes_to_input(base64.b64decode(g["png_base64"])) for g in golden])
+    with torch.inference_mode():
+        predicted = model(torch.from_numpy(batch).view(-1, 1, 28, 28)).argmax(dim=1).tolist()
+    assert [str(p) for p in predicted] == [g["prediction"] for g in golden]
 
 
 # --- errors: one line on stderr and a distinct exit code --------------------------------------
