@@ -272,6 +272,9 @@ def test_resolve_model_accepts_uuid_runs_uri_registry_version_alias_and_a_local_
     local = resolve_model(str(expected), tmp_path / "unused", StoreConfig())
     assert (local.run_id, local.model_path) == (run_id, expected)
     assert resolve_model(str(tmp_path / run_id), tmp_path, store).model_path == expected
+    expected.write_bytes(expected.read_bytes()[:-10])
+    with pytest.raises(ArtifactIntegrityError):
+        resolve_model(str(expected), tmp_path / "unused", StoreConfig())
 
 
 def test_resolve_model_uses_a_verified_cache_without_contacting_any_server(

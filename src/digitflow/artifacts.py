@@ -632,6 +632,7 @@ def resolve_run_id(reference: str, store: StoreConfig, tracking: Tracking | None
 
 
 def _local_model(reference: str) -> ResolvedModel:
+    """A model file or a pulled run's folder, checked against its pull's manifest if any."""
     path = Path(reference).expanduser()
     candidates = [path]
     if path.is_dir():
@@ -639,8 +640,14 @@ def _local_model(reference: str) -> ResolvedModel:
     for candidate in candidates:
         if candidate.is_file() and candidate.stat().st_size > 0:
             resolved = candidate.resolve()
-            run_id = next((p.name for p in resolved.parents if RUN_ID_PATTERN.match(p.name)), None)
-            return ResolvedModel(run_id=run_id, model_path=resolved)
+            run_dir = next((p for p in resolved.parents if RUN_ID_PATTERN.match(p.name)), None)
+            manifest = run_dir / MANIFEST_NAME if run_dir else None
+            if manifest and manifest.is_file() and not verify_pulled_run(manifest.parent):
+                raise ArtifactIntegrityError(
+                    f"{manifest.parent} no longer matches its pull's sizes and checksums; "
+                    "pull it again"
+                )
+            return ResolvedModel(run_dir.name if run_dir else None, resolved)
     raise ModelNotFound(
         f"{reference!r} is neither a model file nor a run UUID, runs:/ or models:/ reference"
     )
