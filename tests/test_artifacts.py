@@ -208,6 +208,7 @@ def test_pull_through_the_artifact_proxy_lands_in_the_seed_layout_byte_for_byte(
     }
     assert tree(artifacts) == expected
     assert result.downloaded_files == len(expected) and verify_pulled_run(result.run_dir)
+    assert result.run_dir.stat().st_mode & 0o755 == 0o755
     assert [p.name for p in (tmp_path / "models").iterdir()] == [run_id]
 
 

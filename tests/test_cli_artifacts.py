@@ -266,17 +266,27 @@ def start_pull(run_id: str, dest: Path, tracking_uri: str) -> subprocess.Popen[b
     )
 
 
-def kill_once_writing(process: subprocess.Popen[bytes], dest: Path, run_id: str) -> None:
-    """SIGKILL the pull as soon as a staged file has bytes in it."""
+def signal_once_writing(
+    process: subprocess.Popen[bytes], dest: Path, run_id: str, signum: int = signal.SIGKILL
+) -> int:
+    """Send `signum` to the pull as soon as a staged file has bytes in it; return its exit code."""
     deadline = time.monotonic() + 60
+    sent = False
     while time.monotonic() < deadline and process.poll() is None:
         staged = [p for p in dest.glob(f".{run_id}.partial-*/artifacts/**/*") if p.is_file()]
         if any(p.stat().st_size > 0 for p in staged):
-            os.kill(process.pid, signal.SIGKILL)
+            os.kill(process.pid, signum)
+            sent = True
             break
         time.sleep(0.002)
-    process.wait(timeout=10)
-    assert process.returncode == -signal.SIGKILL, "the pull ended before it could be killed"
+    process.wait(timeout=30)
+    assert sent, "the pull ended before the signal could be sent"
+    return process.returncode
+
+
+def kill_once_writing(process: subprocess.Popen[bytes], dest: Path, run_id: str) -> None:
+    """SIGKILL the pull as soon as a staged file has bytes in it."""
+    assert signal_once_writing(process, dest, run_id) == -signal.SIGKILL
 
 
 def test_a_pull_killed_mid_way_leaves_no_model_and_the_next_pull_completes(
@@ -319,4 +329,13 @@ def test_a_killed_repull_never_touches_the_model_already_in_place(
 def test_pull_refuses_an_unknown_shell_before_touching_any_server(tmp_path: Path) -> None:
     result = invoke("pull", "a" * 32, "--shell", "fish", "--dest", str(tmp_path))
     assert result.exit_code == 2 and "fish" in result.stderr
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_ctrl_c_during_a_pull_exits_130_and_cleans_up_its_staging_folder(
+    mlflow_stack: MlflowStack, stack_runs: StackRuns, tmp_path: Path
+) -> None:
+    run_id = stack_runs.big_run
+    process = start_pull(run_id, tmp_path, mlflow_stack.proxy.url)
+    assert signal_once_writing(process, tmp_path, run_id, signal.SIGINT) == 130
     assert list(tmp_path.iterdir()) == []

@@ -428,7 +428,9 @@ def _remove_stale_staging(dest: Path, run_id: str) -> None:
 def _staging_dir(dest: Path, run_id: str) -> Path:
     try:
         dest.mkdir(parents=True, exist_ok=True)
-        return Path(tempfile.mkdtemp(prefix=f".{run_id}.partial-{os.getpid()}-", dir=dest))
+        staging = Path(tempfile.mkdtemp(prefix=f".{run_id}.partial-{os.getpid()}-", dir=dest))
+        staging.chmod(0o755)  # mkdtemp's 0700 would hide the model from a server's other user
+        return staging
     except OSError as exc:
         raise DestinationNotWritable(
             f"cannot write to {dest} ({exc.strerror or exc.__class__.__name__})"
