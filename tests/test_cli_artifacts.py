@@ -23,6 +23,7 @@ from typer.testing import CliRunner, Result
 from digitflow.artifacts import file_sha256, verify_pulled_run
 from digitflow.checkpoint import load_model
 from digitflow.cli import app
+from digitflow.cli_artifacts import Shell, export_lines
 from digitflow.preprocess import bytes_to_input
 from tests.support.artifact_stores import (
     ADMIN,
@@ -54,6 +55,18 @@ def assert_one_line_error(result: Result, code: int, *needles: str) -> None:
     assert "Traceback" not in result.stderr + result.stdout
     for needle in needles:
         assert needle in lines[0], lines[0]
+
+
+def test_export_lines_quote_paths_for_bash_and_powershell() -> None:
+    path = Path("/srv/it's models/x/model.pt")
+    assert export_lines("ab", path, Shell.bash) == [
+        "export PRED_MODEL_UUID=ab",
+        """export PRED_MODEL_PATH='/srv/it'"'"'s models/x/model.pt'""",
+    ]
+    assert export_lines("ab", path, Shell.powershell) == [
+        "$Env:PRED_MODEL_UUID = 'ab'",
+        "$Env:PRED_MODEL_PATH = '/srv/it''s models/x/model.pt'",
+    ]
 
 
 def test_experiments_lists_each_experiment_with_its_artifact_location(
