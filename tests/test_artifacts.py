@@ -487,3 +487,11 @@ def test_files_download_in_parallel(tmp_path: Path) -> None:
     source = FlakySource(fake_files())
     _sync_run("e" * 32, source.list_files(), source, tmp_path, workers=4, progress=False)
     assert source.peak >= 3
+
+
+@pytest.mark.parametrize("path", ["../escape.bin", "model/../../escape.bin", "/etc/escape"])
+def test_an_artifact_path_leaving_the_run_folder_is_refused(tmp_path: Path, path: str) -> None:
+    source = FlakySource({path: b"x", "model/model.pt": b"w"})
+    with pytest.raises(ArtifactIntegrityError, match="outside the run"):
+        _sync_run("f" * 32, source.list_files(), source, tmp_path / "models", 2, progress=False)
+    assert not (tmp_path / "models").exists() and not (tmp_path / "escape.bin").exists()

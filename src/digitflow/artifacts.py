@@ -25,7 +25,7 @@ from collections.abc import Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any
 
 from mlflow.entities import ViewType
@@ -500,6 +500,10 @@ def _sync_run(
     progress: bool,
 ) -> PullResult:
     started = time.perf_counter()
+    for remote in files:
+        parts = PurePosixPath(remote.path).parts
+        if not parts or remote.path.startswith(("/", "\\")) or ".." in parts or "\\" in remote.path:
+            raise ArtifactIntegrityError(f"refusing artifact path {remote.path!r}: outside the run")
     run_dir = dest / run_id
     staging = _staging_dir(dest, run_id)
     try:
