@@ -112,8 +112,10 @@ def test_store_config_reads_mlflow_and_aws_variables_and_prefers_the_mlflow_s3_e
             "AWS_ENDPOINT_URL": "https://other.example",
             "AWS_ACCESS_KEY_ID": "key",
             "AWS_SECRET_ACCESS_KEY": "secret",
+            "AWS_DEFAULT_REGION": "eu-west-1",
         }
     )
+    assert store.s3_region == "eu-west-1"
     assert (store.tracking_uri, store.username, store.password) == (
         "http://mlflow:5000",
         "ann",

@@ -88,6 +88,7 @@ class S3Source:
         secret_access_key: str | None,
         timeout: float,
         max_pool: int = 8,
+        region: str | None = None,
     ) -> None:
         parsed = urllib.parse.urlparse(uri)
         self.bucket = parsed.netloc
@@ -101,7 +102,7 @@ class S3Source:
             endpoint_url=endpoint_url,
             aws_access_key_id=access_key_id,
             aws_secret_access_key=secret_access_key,
-            region_name="us-east-1",
+            region_name=region or "us-east-1",
             config=Config(
                 connect_timeout=timeout,
                 read_timeout=timeout,

@@ -85,6 +85,7 @@ class StoreConfig:
     aws_secret_access_key: str | None = None
     mlruns_dir: Path = paths.DEFAULT_MLRUNS_DIR
     timeout: float = DEFAULT_TIMEOUT
+    s3_region: str | None = None
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str]) -> StoreConfig:
@@ -100,6 +101,7 @@ class StoreConfig:
             s3_endpoint_url=get("MLFLOW_S3_ENDPOINT_URL", "AWS_ENDPOINT_URL"),
             aws_access_key_id=get("AWS_ACCESS_KEY_ID"),
             aws_secret_access_key=get("AWS_SECRET_ACCESS_KEY"),
+            s3_region=get("AWS_REGION", "AWS_DEFAULT_REGION"),
         )
 
     @property
@@ -287,6 +289,7 @@ def artifact_source(artifact_uri: str, store: StoreConfig, workers: int) -> Arti
             store.aws_secret_access_key,
             store.timeout,
             max_pool=workers,
+            region=store.s3_region,
         )
     if scheme == "mlflow-artifacts":
         if not store.remote:
