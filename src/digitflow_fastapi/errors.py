@@ -1,0 +1,46 @@
+"""One place mapping core errors to 4xx JSON bodies `{"detail": ...}`."""
+
+from __future__ import annotations
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import ORJSONResponse
+
+from digitflow.errors import ImageTooLarge, InvalidImage, UnsupportedImageFormat
+
+
+class RequestError(Exception):
+    """A client error with its HTTP status."""
+
+    def __init__(self, status_code: int, detail: str) -> None:
+        super().__init__(detail)
+        self.status_code = status_code
+        self.detail = detail
+
+
+def status_for(error: InvalidImage) -> int:
+    """HTTP status for an image error."""
+    if isinstance(error, UnsupportedImageFormat):
+        return 415
+    if isinstance(error, ImageTooLarge):
+        return 413
+    return 400
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    """Register the handlers that turn known errors into JSON 4xx answers."""
+
+    async def on_request_error(request: Request, exc: Exception) -> ORJSONResponse:
+        assert isinstance(exc, RequestError)
+        return ORJSONResponse({"detail": exc.detail}, status_code=exc.status_code)
+
+    async def on_validation_error(request: Request, exc: Exception) -> ORJSONResponse:
+        assert isinstance(exc, RequestValidationError)
+        parts = [
+            f"{'.'.join(str(p) for p in err.get('loc', ()))}: {err.get('msg', '')}"
+            for err in exc.errors()
+        ]
+        return ORJSONResponse({"detail": "; ".join(parts)}, status_code=422)
+
+    app.add_exception_handler(RequestError, on_request_error)
+    app.add_exception_handler(RequestValidationError, on_validation_error)

@@ -1,0 +1,98 @@
+"""Reads a multipart body once, in memory, with caps on bytes and parts (nothing touches disk)."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+
+from python_multipart.exceptions import MultipartParseError
+from python_multipart.multipart import MultipartParser, parse_options_header
+
+from digitflow_fastapi.errors import RequestError
+
+
+@dataclass
+class Part:
+    """One form part: its field name, the client's filename (if any) and its bytes."""
+
+    name: str
+    filename: str | None
+    data: bytearray = field(default_factory=bytearray)
+
+
+class _Collector:
+    def __init__(self, max_parts: int) -> None:
+        self.parts: list[Part] = []
+        self.max_parts = max_parts
+        self._header_field = bytearray()
+        self._header_value = bytearray()
+        self._headers: dict[bytes, bytes] = {}
+        self._current: Part | None = None
+
+    def on_part_begin(self) -> None:
+        self._headers = {}
+        self._current = None
+
+    def on_header_field(self, data: bytes, start: int, end: int) -> None:
+        self._header_field += data[start:end]
+
+    def on_header_value(self, data: bytes, start: int, end: int) -> None:
+        self._header_value += data[start:end]
+
+    def on_header_end(self) -> None:
+        self._headers[bytes(self._header_field).lower()] = bytes(self._header_value)
+        self._header_field.clear()
+        self._header_value.clear()
+
+    def on_headers_finished(self) -> None:
+        _, options = parse_options_header(self._headers.get(b"content-disposition", b""))
+        name = options.get(b"name", b"").decode("utf-8", "replace")
+        raw_filename = options.get(b"filename")
+        filename = raw_filename.decode("utf-8", "replace") if raw_filename is not None else None
+        if len(self.parts) >= self.max_parts:
+            raise RequestError(
+                413, f"too many form parts: at most {self.max_parts} files per request"
+            )
+        self._current = Part(name=name, filename=filename)
+        self.parts.append(self._current)
+
+    def on_part_data(self, data: bytes, start: int, end: int) -> None:
+        if self._current is not None:
+            self._current.data += data[start:end]
+
+
+async def read_multipart(
+    content_type: str | None, stream: AsyncIterator[bytes], max_bytes: int, max_parts: int
+) -> list[Part]:
+    """Parse a multipart/form-data body held in memory; raises RequestError with a 4xx."""
+    if not content_type:
+        raise RequestError(415, "Content-Type must be multipart/form-data (none given)")
+    media_type, options = parse_options_header(content_type)
+    if media_type != b"multipart/form-data":
+        raise RequestError(
+            415, f"Content-Type must be multipart/form-data, not {media_type.decode()[:60]!r}"
+        )
+    boundary = options.get(b"boundary")
+    if not boundary:
+        raise RequestError(400, "multipart/form-data body without a boundary")
+    collector = _Collector(max_parts)
+    callbacks = {
+        "on_part_begin": collector.on_part_begin,
+        "on_part_data": collector.on_part_data,
+        "on_header_field": collector.on_header_field,
+        "on_header_value": collector.on_header_value,
+        "on_header_end": collector.on_header_end,
+        "on_headers_finished": collector.on_headers_finished,
+    }
+    parser = MultipartParser(boundary, callbacks)  # type: ignore[arg-type]
+    received = 0
+    try:
+        async for chunk in stream:
+            received += len(chunk)
+            if received > max_bytes:
+                raise RequestError(413, f"request body exceeds MAX_UPLOAD_BYTES ({max_bytes})")
+            parser.write(chunk)
+        parser.finalize()
+    except MultipartParseError as exc:
+        raise RequestError(400, f"malformed multipart body: {exc}") from exc
+    return collector.parts

@@ -1,0 +1,121 @@
+"""`/api/v1/model/*`: predict digits in uploaded images and report the model's version."""
+
+from __future__ import annotations
+
+from typing import Annotated, Any
+
+import numpy as np
+from fastapi import APIRouter, Depends, Query, Request
+from fastapi.responses import ORJSONResponse
+
+from digitflow.errors import InvalidImage
+from digitflow.preprocess import bytes_to_input
+from digitflow_fastapi.config import Settings
+from digitflow_fastapi.deps import ModelService, get_app_settings, get_service
+from digitflow_fastapi.errors import RequestError, status_for
+from digitflow_fastapi.schemas import ErrorResponse, PredictResponse, VersionResponse
+from digitflow_fastapi.uploads import read_multipart
+
+router = APIRouter(prefix="/model", tags=["model"])
+
+FIELD = "image_file"
+
+_ERRORS: dict[int | str, dict[str, Any]] = {
+    400: {"model": ErrorResponse, "description": "Not an image, corrupt, empty or malformed"},
+    413: {"model": ErrorResponse, "description": "Body, image or file count over the limits"},
+    415: {
+        "model": ErrorResponse,
+        "description": "Wrong content type or image format",
+    },
+    422: {"model": ErrorResponse, "description": "No `image_file` part"},
+    503: {"model": ErrorResponse, "description": "Model not loaded yet"},
+}
+
+_REQUEST_BODY: dict[str, Any] = {
+    "required": True,
+    "content": {
+        "multipart/form-data": {
+            "schema": {
+                "type": "object",
+                "required": [FIELD],
+                "properties": {
+                    FIELD: {
+                        "type": "array",
+                        "items": {"type": "string", "format": "binary"},
+                        "description": "One or more PNG, JPEG, WebP, BMP or GIF images",
+                    }
+                },
+            }
+        }
+    },
+}
+
+
+@router.post(
+    "/predict",
+    summary="Predict the digit in each uploaded image",
+    response_model=PredictResponse,
+    response_model_exclude_none=True,
+    responses={
+        200: {
+            "content": {
+                "application/json": {
+                    "example": {"data": [{"image_filename": "digit.png", "prediction": "7"}]}
+                }
+            }
+        },
+        **_ERRORS,
+    },
+    openapi_extra={"requestBody": _REQUEST_BODY},
+)
+async def predict(
+    request: Request,
+    service: Annotated[ModelService, Depends(get_service)],
+    settings: Annotated[Settings, Depends(get_app_settings)],
+    probabilities: Annotated[
+        bool, Query(description="Add each image's class probabilities (0–9)")
+    ] = False,
+) -> ORJSONResponse:
+    """One entry per `image_file` part, in order; `prediction` is the digit as a string."""
+    parts = await read_multipart(
+        request.headers.get("content-type"),
+        request.stream(),
+        settings.MAX_UPLOAD_BYTES,
+        settings.MAX_FILES_PER_REQUEST,
+    )
+    files = [part for part in parts if part.name == FIELD]
+    if not files:
+        names = sorted({part.name for part in parts})
+        found = f"; got {', '.join(repr(n[:40]) for n in names)}" if names else ""
+        raise RequestError(422, f"missing form field {FIELD!r}{found}")
+    inputs = []
+    for index, part in enumerate(files):
+        label = f"{FIELD} #{index + 1} ({(part.filename or '')[:100]!r})"
+        if not part.data:
+            raise RequestError(400, f"{label}: empty file")
+        try:
+            inputs.append(bytes_to_input(bytes(part.data), max_pixels=settings.MAX_IMAGE_PIXELS))
+        except InvalidImage as exc:
+            raise RequestError(status_for(exc), f"{label}: {exc}") from exc
+    predictions = await service.batcher.predict(np.stack(inputs).astype(np.float32))
+    data: list[dict[str, Any]] = []
+    for part, pred in zip(files, predictions, strict=True):
+        item: dict[str, Any] = {
+            "image_filename": part.filename or "",
+            "prediction": str(pred.label),
+        }
+        if probabilities:
+            item["probabilities"] = list(pred.probabilities)
+        data.append(item)
+    return ORJSONResponse({"data": data})
+
+
+@router.get(
+    "/version",
+    summary="The model being served",
+    response_model=VersionResponse,
+    responses={503: _ERRORS[503]},
+)
+async def version(service: Annotated[ModelService, Depends(get_service)]) -> ORJSONResponse:
+    """The MLflow run UUID of the served model (`PRED_MODEL_UUID`)."""
+    return ORJSONResponse({"data": {"model_uuid": service.model_uuid}})
