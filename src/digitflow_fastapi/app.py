@@ -10,7 +10,6 @@ from pathlib import Path
 from typing import Any
 
 from fastapi import FastAPI
-from fastapi.responses import ORJSONResponse
 
 from digitflow import paths
 from digitflow.device import select_device
@@ -23,6 +22,7 @@ from digitflow_fastapi.config import Settings, get_settings
 from digitflow_fastapi.deps import ModelService
 from digitflow_fastapi.errors import install_error_handlers
 from digitflow_fastapi.health import router as health_router
+from digitflow_fastapi.responses import OrjsonResponse
 from digitflow_fastapi.v1.routers.model import router as model_router
 
 logger = logging.getLogger(__name__)
@@ -56,7 +56,7 @@ class ContentLengthLimit:
                             if length >= 0
                             else "invalid Content-Length header"
                         )
-                        response = ORJSONResponse(
+                        response = OrjsonResponse(
                             {"detail": detail}, status_code=413 if length >= 0 else 400
                         )
                         response.headers["Connection"] = "close"
@@ -141,7 +141,7 @@ def create_app(settings: Settings | None = None, classifier: Classifier | None =
     app = FastAPI(
         title=conf_for_routes.API_NAME,
         description="Recognises a handwritten digit (0–9) in an uploaded image.",
-        default_response_class=ORJSONResponse,
+        default_response_class=OrjsonResponse,
         lifespan=lifespan,
     )
     app.state.service = None

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import ORJSONResponse
 
 from digitflow.errors import ImageTooLarge, InvalidImage, UnsupportedImageFormat
+from digitflow_fastapi.responses import OrjsonResponse
 
 
 class RequestError(Exception):
@@ -30,17 +30,17 @@ def status_for(error: InvalidImage) -> int:
 def install_error_handlers(app: FastAPI) -> None:
     """Register the handlers that turn known errors into JSON 4xx answers."""
 
-    async def on_request_error(request: Request, exc: Exception) -> ORJSONResponse:
+    async def on_request_error(request: Request, exc: Exception) -> OrjsonResponse:
         assert isinstance(exc, RequestError)
-        return ORJSONResponse({"detail": exc.detail}, status_code=exc.status_code)
+        return OrjsonResponse({"detail": exc.detail}, status_code=exc.status_code)
 
-    async def on_validation_error(request: Request, exc: Exception) -> ORJSONResponse:
+    async def on_validation_error(request: Request, exc: Exception) -> OrjsonResponse:
         assert isinstance(exc, RequestValidationError)
         parts = [
             f"{'.'.join(str(p) for p in err.get('loc', ()))}: {err.get('msg', '')}"
             for err in exc.errors()
         ]
-        return ORJSONResponse({"detail": "; ".join(parts)}, status_code=422)
+        return OrjsonResponse({"detail": "; ".join(parts)}, status_code=422)
 
     app.add_exception_handler(RequestError, on_request_error)
     app.add_exception_handler(RequestValidationError, on_validation_error)

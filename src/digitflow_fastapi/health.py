@@ -5,15 +5,16 @@ from __future__ import annotations
 from typing import Any
 
 from fastapi import APIRouter, Request
-from fastapi.responses import ORJSONResponse
+
+from digitflow_fastapi.responses import OrjsonResponse
 
 router = APIRouter(tags=["health"])
 
 
 @router.get("/health", summary="Alive")
-async def health() -> ORJSONResponse:
+async def health() -> OrjsonResponse:
     """The process answers HTTP."""
-    return ORJSONResponse({"status": "ok"})
+    return OrjsonResponse({"status": "ok"})
 
 
 @router.get(
@@ -21,7 +22,7 @@ async def health() -> ORJSONResponse:
     summary="Model loaded, warmed up and self-tested",
     responses={503: {"description": "Not ready yet or the self-test failed"}},
 )
-async def ready(request: Request) -> ORJSONResponse:
+async def ready(request: Request) -> OrjsonResponse:
     """200 once the model is loaded, warmed up and reproduced its golden answers; else 503."""
     state: dict[str, Any] = request.app.state.readiness
-    return ORJSONResponse(state, status_code=200 if state.get("ready") else 503)
+    return OrjsonResponse(state, status_code=200 if state.get("ready") else 503)

@@ -6,13 +6,13 @@ from typing import Annotated, Any
 
 import numpy as np
 from fastapi import APIRouter, Depends, Query, Request
-from fastapi.responses import ORJSONResponse
 
 from digitflow.errors import InvalidImage
 from digitflow.preprocess import bytes_to_input
 from digitflow_fastapi.config import Settings
 from digitflow_fastapi.deps import ModelService, get_app_settings, get_service
 from digitflow_fastapi.errors import RequestError, status_for
+from digitflow_fastapi.responses import OrjsonResponse
 from digitflow_fastapi.schemas import ErrorResponse, PredictResponse, VersionResponse
 from digitflow_fastapi.uploads import read_multipart
 
@@ -75,7 +75,7 @@ async def predict(
     probabilities: Annotated[
         bool, Query(description="Add each image's class probabilities (0–9)")
     ] = False,
-) -> ORJSONResponse:
+) -> OrjsonResponse:
     """One entry per `image_file` part, in order; `prediction` is the digit as a string."""
     parts = await read_multipart(
         request.headers.get("content-type"),
@@ -107,7 +107,7 @@ async def predict(
         if probabilities:
             item["probabilities"] = list(pred.probabilities)
         data.append(item)
-    return ORJSONResponse({"data": data})
+    return OrjsonResponse({"data": data})
 
 
 @router.get(
@@ -116,6 +116,6 @@ async def predict(
     response_model=VersionResponse,
     responses={503: _ERRORS[503]},
 )
-async def version(service: Annotated[ModelService, Depends(get_service)]) -> ORJSONResponse:
+async def version(service: Annotated[ModelService, Depends(get_service)]) -> OrjsonResponse:
     """The MLflow run UUID of the served model (`PRED_MODEL_UUID`)."""
-    return ORJSONResponse({"data": {"model_uuid": service.model_uuid}})
+    return OrjsonResponse({"data": {"model_uuid": service.model_uuid}})
