@@ -11,7 +11,7 @@ from digitflow.data import prepare_data
 from tests.support.mlflow_server import start_mlflow_server
 from tests.support.processes import ServerProcess, stop_process
 
-pytest_plugins: list[str] = ["tests.support.artifact_stores"]
+pytest_plugins: list[str] = ["tests.support.artifact_stores", "tests.support.gunicorn_server"]
 
 
 @pytest.fixture(scope="session")
