@@ -1,0 +1,100 @@
+"""Start-up failures: the seed's gunicorn command and `digitflow serve` stop with one clear line."""
+
+from __future__ import annotations
+
+import json
+import pickle
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from digitflow.errors import SelfTestFailed
+from digitflow.inference import Classifier
+from digitflow.selftest import run_self_test
+from tests.support.gunicorn_server import TrainedModel, start_gunicorn
+
+
+class _Payload:
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self) -> tuple[object, tuple[str]]:
+        return (eval, (f"open({str(self.marker)!r}, 'w').write('ran')",))
+
+
+def copy_with_wrong_golden(model: TrainedModel, folder: Path) -> Path:
+    """The model beside a golden.json whose first answer is changed."""
+    folder.mkdir(parents=True, exist_ok=True)
+    model_path = folder / "model.pt"
+    shutil.copy(model.model_path, model_path)
+    golden = json.loads((model.model_path.parent / "golden.json").read_text())
+    first = golden["images"][0]
+    first["prediction"] = str((int(first["prediction"]) + 1) % 10)
+    (folder / "golden.json").write_text(json.dumps(golden))
+    return model_path
+
+
+def run_gunicorn_until_exit(tmp_path: Path, model_path: Path) -> tuple[int, str]:
+    server = start_gunicorn(tmp_path / "g.log", {"PRED_MODEL_PATH": str(model_path)}, workers=1)
+    returncode = server.process.wait(timeout=120)
+    return returncode, server.log()
+
+
+def test_the_golden_self_test_passes_for_the_run_it_came_from(trained_model: TrainedModel) -> None:
+    report = run_self_test(
+        Classifier.from_checkpoint(trained_model.model_path), trained_model.model_path
+    )
+    assert report["golden_checked"] == 20
+    assert report["warmed_up"] is True
+
+
+def test_a_golden_mismatch_names_the_disagreeing_image(
+    trained_model: TrainedModel, tmp_path: Path
+) -> None:
+    model_path = copy_with_wrong_golden(trained_model, tmp_path / "m")
+    with pytest.raises(SelfTestFailed, match="1/20 images disagree"):
+        run_self_test(Classifier.from_checkpoint(model_path), model_path)
+
+
+@pytest.mark.parametrize("problem", ["missing", "corrupt", "malicious", "golden"])
+def test_gunicorn_stops_with_a_clear_line_and_a_non_zero_exit(
+    trained_model: TrainedModel, tmp_path: Path, problem: str
+) -> None:
+    marker = tmp_path / "executed"
+    if problem == "missing":
+        path, words = tmp_path / "absent.pt", "no checkpoint at"
+    elif problem == "corrupt":
+        path, words = tmp_path / "corrupt.pt", "corrupt.pt: "
+        path.write_bytes(b"garbage" * 100)
+    elif problem == "malicious":
+        path, words = tmp_path / "evil.pt", "refused by the weights-only loader"
+        torch.save({"model_state_dict": _Payload(marker)}, path, pickle_module=pickle)
+    else:
+        path, words = (
+            copy_with_wrong_golden(trained_model, tmp_path / "g"),
+            "golden self-test failed",
+        )
+    returncode, log = run_gunicorn_until_exit(tmp_path, path)
+    assert returncode != 0
+    assert "start-up failed: " in log and words in log and path.name in log
+    assert not marker.exists()
+
+
+def test_digitflow_serve_exits_non_zero_on_a_golden_mismatch(
+    trained_model: TrainedModel, tmp_path: Path
+) -> None:
+    model_path = copy_with_wrong_golden(trained_model, tmp_path / "g")
+    cli = Path(sys.executable).parent / "digitflow"
+    result = subprocess.run(
+        [str(cli), "serve", "--host", "127.0.0.1", "--port", "1", "--workers", "1"],
+        env={"PATH": "/usr/bin:/bin", "PRED_MODEL_PATH": str(model_path)},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode != 0
+    assert "golden self-test failed" in result.stderr + result.stdout
