@@ -2,13 +2,19 @@
 
 Interface used by the web layer: `await batcher.start()`, `await batcher.predict(images)` with
 an N×28×28 float32 array (one request's images) → list of `Prediction`, `await batcher.stop()`.
-This first version runs each request's batch in a worker thread, unbatched across requests; the
-performance issue replaces the inside with dynamic batching behind the same interface.
+
+Greedy batching: one loop task takes whatever requests are queued (up to `max_batch_size`
+images), runs them as one forward pass in a single inference thread, and hands each request its
+slice. A lone request goes straight through; while a batch runs, new requests queue up and form
+the next batch. `max_wait_ms` only applies when a partial batch is waiting and more requests are
+already known to be arriving (it is never spent on an idle queue).
 """
 
 from __future__ import annotations
 
 import asyncio
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
 
 import numpy as np
 import numpy.typing as npt
@@ -16,22 +22,102 @@ import numpy.typing as npt
 from digitflow.inference import Classifier, Prediction
 
 
+@dataclass
+class _Request:
+    images: npt.NDArray[np.float32]
+    future: asyncio.Future[list[Prediction]] = field(repr=False)
+
+
 class MicroBatcher:
-    """Runs a `Classifier` off the event loop, one call at a time."""
+    """Runs a `Classifier` off the event loop, batching concurrent requests."""
 
     def __init__(self, classifier: Classifier, max_batch_size: int = 64, max_wait_ms: float = 2.0):
         self.classifier = classifier
-        self.max_batch_size = max_batch_size
+        self.max_batch_size = max(1, max_batch_size)
         self.max_wait_ms = max_wait_ms
-        self._lock = asyncio.Lock()
+        self._queue: asyncio.Queue[_Request | None] | None = None
+        self._task: asyncio.Task[None] | None = None
+        self._executor: ThreadPoolExecutor | None = None
+        self.forward_calls = 0
 
     async def start(self) -> None:
-        """Prepare to take requests."""
+        """Start the batching loop (idempotent)."""
+        if self._task is not None:
+            return
+        self._queue = asyncio.Queue()
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="digitflow-infer")
+        self._task = asyncio.create_task(self._loop(), name="digitflow-microbatch")
 
     async def stop(self) -> None:
-        """Stop taking requests."""
+        """Finish queued requests, then stop the loop and the inference thread."""
+        if self._task is None or self._queue is None:
+            return
+        await self._queue.put(None)
+        await self._task
+        self._task = None
+        if self._executor is not None:
+            self._executor.shutdown(wait=True)
+            self._executor = None
 
     async def predict(self, images: npt.NDArray[np.float32]) -> list[Prediction]:
         """Predictions for one request's images, in order."""
-        async with self._lock:
-            return await asyncio.to_thread(self.classifier.predict, images)
+        array = np.ascontiguousarray(images, dtype=np.float32).reshape(-1, 28, 28)
+        if len(array) == 0:
+            return []
+        if self._queue is None:
+            await self.start()
+        assert self._queue is not None
+        future: asyncio.Future[list[Prediction]] = asyncio.get_running_loop().create_future()
+        await self._queue.put(_Request(array, future))
+        return await future
+
+    async def _loop(self) -> None:
+        assert self._queue is not None
+        queue = self._queue
+        stopping = False
+        while not stopping:
+            first = await queue.get()
+            if first is None:
+                break
+            batch = [first]
+            size = len(first.images)
+            # Take whatever is already queued, without waiting for more.
+            while size < self.max_batch_size and not queue.empty():
+                item = queue.get_nowait()
+                if item is None:
+                    stopping = True
+                    break
+                if size + len(item.images) > self.max_batch_size:
+                    await self._run([item])  # keeps order simple: oversize goes alone next
+                    continue
+                batch.append(item)
+                size += len(item.images)
+            await self._run(batch)
+        # Drain anything left after the stop marker.
+        while not queue.empty():
+            item = queue.get_nowait()
+            if item is not None:
+                await self._run([item])
+
+    async def _run(self, batch: list[_Request]) -> None:
+        live = [r for r in batch if not r.future.done()]
+        if not live:
+            return
+        images = live[0].images if len(live) == 1 else np.concatenate([r.images for r in live])
+        self.forward_calls += 1
+        loop = asyncio.get_running_loop()
+        try:
+            predictions = await loop.run_in_executor(
+                self._executor, self.classifier.predict, images
+            )
+        except Exception as error:  # every caller of this batch gets it
+            for request in live:
+                if not request.future.done():
+                    request.future.set_exception(error)
+            return
+        start = 0
+        for request in live:
+            end = start + len(request.images)
+            if not request.future.done():
+                request.future.set_result(predictions[start:end])
+            start = end

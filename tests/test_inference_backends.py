@@ -1,0 +1,71 @@
+"""ONNX and torch backends agree on all 1,000 test images; batching does not change answers."""
+
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+
+import numpy as np
+import numpy.typing as npt
+import pytest
+
+from digitflow.errors import ConfigError
+from digitflow.inference import Classifier
+from digitflow.preprocess import bytes_to_input
+from tests.support.gunicorn_server import TrainedModel
+
+
+@pytest.fixture(scope="module")
+def test_images(data_dir: Path) -> npt.NDArray[np.float32]:
+    """The 1,000 MNIST test images, preprocessed the serving way."""
+    with (data_dir / "test.csv").open() as handle:
+        rows = list(csv.DictReader(handle))
+    return np.stack([bytes_to_input((data_dir / r["filepath"]).read_bytes()) for r in rows]).astype(
+        np.float32
+    )
+
+
+def test_onnx_and_torch_agree_on_every_test_image(
+    trained_model: TrainedModel, test_images: npt.NDArray[np.float32]
+) -> None:
+    torch_clf = Classifier.from_checkpoint(trained_model.model_path, backend="torch")
+    onnx_clf = Classifier.from_checkpoint(trained_model.model_path, backend="onnx", num_threads=1)
+    assert onnx_clf.backend == "onnx"
+    a = torch_clf.log_probabilities(test_images)
+    b = onnx_clf.log_probabilities(test_images)
+    assert a.shape == b.shape == (len(test_images), 10)
+    assert np.array_equal(a.argmax(axis=1), b.argmax(axis=1))
+    assert float(np.abs(a - b).max()) < 1e-4
+    assert [p.label for p in torch_clf.predict(test_images)] == [
+        p.label for p in onnx_clf.predict(test_images)
+    ]
+
+
+@pytest.mark.parametrize("backend", ["torch", "onnx"])
+def test_batched_and_one_by_one_give_the_same_answers(
+    trained_model: TrainedModel, test_images: npt.NDArray[np.float32], backend: str
+) -> None:
+    clf = Classifier.from_checkpoint(trained_model.model_path, backend=backend)
+    clf.warm_up()
+    sample = test_images[:50]
+    batched = clf.predict(sample)
+    single = [clf.predict(sample[i : i + 1])[0] for i in range(len(sample))]
+    assert [p.label for p in batched] == [p.label for p in single]
+    assert np.allclose(
+        [p.probabilities for p in batched], [p.probabilities for p in single], atol=1e-5
+    )
+    assert all(abs(sum(p.probabilities) - 1.0) < 1e-4 for p in batched)
+
+
+def test_the_onnx_export_is_cached_next_to_the_checkpoint(trained_model: TrainedModel) -> None:
+    Classifier.from_checkpoint(trained_model.model_path, backend="onnx")
+    exports = list(trained_model.model_path.parent.glob("*.onnx"))
+    assert len(exports) == 1
+    mtime = exports[0].stat().st_mtime_ns
+    Classifier.from_checkpoint(trained_model.model_path, backend="onnx")
+    assert exports[0].stat().st_mtime_ns == mtime
+
+
+def test_an_unknown_backend_is_refused(trained_model: TrainedModel) -> None:
+    with pytest.raises(ConfigError, match="unknown inference backend"):
+        Classifier.from_checkpoint(trained_model.model_path, backend="tensorrt")

@@ -1,0 +1,132 @@
+"""MicroBatcher: each caller gets its own answer, batching happens under load, errors propagate."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+
+import numpy as np
+import numpy.typing as npt
+import pytest
+
+from digitflow.inference import Classifier, Prediction
+from digitflow.microbatch import MicroBatcher
+from tests.support.gunicorn_server import TrainedModel
+
+
+class Recorder:
+    """Wraps a classifier, records batch sizes, can block or fail on demand."""
+
+    def __init__(self, inner: Classifier) -> None:
+        self.inner = inner
+        self.sizes: list[int] = []
+        self.gate = threading.Event()
+        self.gate.set()
+        self.fail_on: int | None = None
+
+    def predict(self, batch: npt.NDArray[np.float32]) -> list[Prediction]:
+        self.gate.wait()
+        self.sizes.append(len(batch))
+        if self.fail_on is not None and len(batch) == self.fail_on:
+            raise RuntimeError("boom")
+        return self.inner.predict(batch)
+
+
+def _images(n: int, seed: int) -> npt.NDArray[np.float32]:
+    return np.random.default_rng(seed).random((n, 28, 28), dtype=np.float32)
+
+
+@pytest.fixture
+def recorder(trained_model: TrainedModel) -> Recorder:
+    return Recorder(Classifier.from_checkpoint(trained_model.model_path))
+
+
+def test_a_lone_request_goes_straight_through(recorder: Recorder) -> None:
+    async def run() -> list[Prediction]:
+        batcher = MicroBatcher(recorder, max_batch_size=64, max_wait_ms=10_000)  # type: ignore[arg-type]
+        await batcher.start()
+        try:
+            return await batcher.predict(_images(3, 0))
+        finally:
+            await batcher.stop()
+
+    result = asyncio.run(run())  # a 10 s window would hang here if it were applied
+    assert recorder.sizes == [3]
+    assert [p.label for p in result] == [p.label for p in recorder.inner.predict(_images(3, 0))]
+
+
+def test_concurrent_requests_are_batched_and_each_gets_its_own_answer(
+    recorder: Recorder,
+) -> None:
+    requests = [_images(1 + i % 3, i) for i in range(20)]
+    expected = [[p.label for p in recorder.inner.predict(r)] for r in requests]
+
+    async def run() -> list[list[Prediction]]:
+        batcher = MicroBatcher(recorder, max_batch_size=64)  # type: ignore[arg-type]
+        await batcher.start()
+        recorder.gate.clear()  # hold the first batch so the others queue behind it
+        tasks = [asyncio.create_task(batcher.predict(r)) for r in requests]
+        await asyncio.sleep(0)
+        while not batcher._queue or batcher._queue.qsize() < len(requests) - 1:
+            await asyncio.sleep(0.01)
+        recorder.gate.set()
+        out = await asyncio.gather(*tasks)
+        await batcher.stop()
+        return out
+
+    results = asyncio.run(run())
+    assert [[p.label for p in r] for r in results] == expected
+    assert sum(recorder.sizes) == sum(len(r) for r in requests)
+    assert len(recorder.sizes) < len(requests)  # fewer forward passes than requests
+    assert max(recorder.sizes) > 3
+
+
+def test_an_error_reaches_the_callers_of_that_batch_only(recorder: Recorder) -> None:
+    recorder.fail_on = 5
+
+    async def run() -> tuple[object, list[Prediction]]:
+        batcher = MicroBatcher(recorder, max_batch_size=64)  # type: ignore[arg-type]
+        await batcher.start()
+        bad = await asyncio.gather(batcher.predict(_images(5, 1)), return_exceptions=True)
+        good = await batcher.predict(_images(2, 2))
+        await batcher.stop()
+        return bad[0], good
+
+    bad, good = asyncio.run(run())
+    assert isinstance(bad, RuntimeError)
+    assert len(good) == 2
+
+
+def test_a_cancelled_request_does_not_break_the_loop(recorder: Recorder) -> None:
+    async def run() -> list[Prediction]:
+        batcher = MicroBatcher(recorder, max_batch_size=64)  # type: ignore[arg-type]
+        await batcher.start()
+        recorder.gate.clear()
+        first = asyncio.create_task(batcher.predict(_images(1, 3)))
+        doomed = asyncio.create_task(batcher.predict(_images(4, 4)))
+        await asyncio.sleep(0.05)
+        doomed.cancel()
+        recorder.gate.set()
+        await first
+        out = await batcher.predict(_images(2, 5))
+        await batcher.stop()
+        return out
+
+    assert len(asyncio.run(run())) == 2
+    assert 4 not in recorder.sizes
+
+
+def test_stop_finishes_queued_requests(recorder: Recorder) -> None:
+    async def run() -> list[list[Prediction]]:
+        batcher = MicroBatcher(recorder, max_batch_size=64)  # type: ignore[arg-type]
+        await batcher.start()
+        recorder.gate.clear()
+        tasks = [asyncio.create_task(batcher.predict(_images(1, i))) for i in range(5)]
+        await asyncio.sleep(0.05)
+        stopping = asyncio.create_task(batcher.stop())
+        await asyncio.sleep(0.01)
+        recorder.gate.set()
+        await stopping
+        return [t.result() for t in tasks]
+
+    assert [len(r) for r in asyncio.run(run())] == [1] * 5
