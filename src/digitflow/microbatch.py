@@ -6,8 +6,8 @@ an N×28×28 float32 array (one request's images) → list of `Prediction`, `awa
 Greedy batching: one loop task takes whatever requests are queued (up to `max_batch_size`
 images), runs them as one forward pass in a single inference thread, and hands each request its
 slice. A lone request goes straight through; while a batch runs, new requests queue up and form
-the next batch. `max_wait_ms` only applies when a partial batch is waiting and more requests are
-already known to be arriving (it is never spent on an idle queue).
+the next batch. `max_wait_ms` is accepted for the Settings interface but not used: batching is
+purely greedy, so no request ever waits for a window.
 """
 
 from __future__ import annotations
