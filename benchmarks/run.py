@@ -1,7 +1,18 @@
-"""In-process benchmark: decode + forward images/s per backend, and predict latency at batch 1.
+"""`make bench`: the seed's reference design and digitflow, side by side, in one run.
 
-Usage: python -m benchmarks.run [--checkpoint PATH] [--data DIR] [--seconds S] [--threads N]
-The HTTP load harness (wrk vs the seed baseline) is not written yet; see README benchmarks.
+    python -m benchmarks.run [--checkpoint PATH] [--seconds 15] [--warmup 3]
+                             [--servers baseline,digitflow,digitflow-seed-cmd]
+
+1. In-process limits per backend (see `benchmarks.inprocess`).
+2. For each server: start it (gunicorn + uvicorn workers on 127.0.0.1), drive it with wrk at
+   concurrency 1, 16 and 64 with one real MNIST PNG per request, then 64 images per request,
+   each measured for `--seconds` after a `--warmup`; every answer is checked against its label.
+3. A Markdown table with the ratio digitflow / baseline, and JSON in `benchmarks/results/`.
+
+Servers: `baseline` is `benchmarks/baseline_app.py` served the seed's way (`-w 4`,
+`uvicorn.workers.UvicornWorker`); `digitflow` is served the recommended way (2 workers, one
+thread each, ONNX Runtime); `digitflow-seed-cmd` is digitflow under the seed's own command.
+Run it on an otherwise idle machine; the numbers are only comparable within one run.
 """
 
 from __future__ import annotations
@@ -11,89 +22,172 @@ import csv
 import json
 import os
 import platform
+import tempfile
 import time
+from importlib.metadata import version
 from pathlib import Path
+from typing import Any
 
-import numpy as np
+from tests.support.processes import stop_process
 
-from digitflow.inference import Classifier
-from digitflow.preprocess import bytes_to_input
+from benchmarks import http_load, inprocess
+from digitflow import paths
 
-
-def _find_checkpoint() -> Path:
-    found = sorted(Path("mlruns").rglob("model.pt"))
-    if not found:
-        raise SystemExit("no checkpoint: pass --checkpoint or train one (digitflow train)")
-    return found[0]
+RESULTS_DIR = Path(__file__).with_name("results")
+SEED_WORKER = "uvicorn.workers.UvicornWorker"
 
 
-def _rate(fn: object, seconds: float) -> tuple[int, float, list[float]]:
-    calls, start, lat = 0, time.perf_counter(), []
-    while time.perf_counter() - start < seconds:
-        t = time.perf_counter()
-        fn()  # type: ignore[operator]
-        lat.append(time.perf_counter() - t)
-        calls += 1
-    return calls, time.perf_counter() - start, lat
+def server_specs(checkpoint: Path) -> dict[str, http_load.ServerSpec]:
+    """The servers this benchmark knows, by name."""
+    model_env = {"PRED_MODEL_PATH": str(checkpoint), "PRED_MODEL_UUID": "bench"}
+    return {
+        "baseline": http_load.ServerSpec(
+            "baseline",
+            "benchmarks.baseline_app:APP",
+            4,
+            SEED_WORKER,
+            paths.PROJECT_ROOT,
+            model_env,
+        ),
+        "digitflow": http_load.ServerSpec(
+            "digitflow",
+            "digitflow_fastapi.main:APP",
+            2,
+            "uvicorn_worker.UvicornWorker",
+            paths.PACKAGE_DIR.parent,
+            {**model_env, "INFERENCE_BACKEND": "onnx"},
+        ),
+        "digitflow-seed-cmd": http_load.ServerSpec(
+            "digitflow-seed-cmd",
+            "digitflow_fastapi.main:APP",
+            4,
+            SEED_WORKER,
+            paths.PACKAGE_DIR.parent,
+            model_env,
+        ),
+    }
+
+
+def load_samples(data_dir: Path) -> list[tuple[bytes, int]]:
+    """The 1,000 held-out test PNGs and their labels."""
+    with (data_dir / "test.csv").open(newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    return [((data_dir / r["filepath"]).read_bytes(), int(r["label"])) for r in rows]
+
+
+def default_checkpoint() -> Path:
+    """The default model, trained first if the embedded store has none."""
+    from digitflow.default_model import ensure_default_model
+
+    return ensure_default_model(
+        paths.DEFAULT_TRAIN_CONFIG, paths.DEFAULT_DATA_DIR, paths.DEFAULT_MLRUNS_DIR
+    ).model_path
+
+
+def bench_server(
+    spec: http_load.ServerSpec,
+    bodies: dict[int, Path],
+    connections: list[int],
+    seconds: float,
+    warmup: float,
+    log_dir: Path,
+) -> list[dict[str, Any]]:
+    """All load runs against one server, started and stopped here."""
+    server = http_load.start_server(spec, log_dir, bodies[1] / "0.bin")
+    rows = []
+    try:
+        idle = http_load.memory_mib(http_load.process_tree(server.pid))
+        runs = [(c, 1) for c in connections] + [(16, 64)]
+        for c, per_request in runs:
+            row = http_load.measure(server, bodies[per_request], c, seconds, warmup, per_request)
+            row.update(
+                server=spec.name, workers=spec.workers, **{f"idle_{k}": v for k, v in idle.items()}
+            )
+            rows.append(row)
+            print(format_row(row), flush=True)
+    finally:
+        stop_process(server)
+    return rows
+
+
+def format_row(r: dict[str, Any]) -> str:
+    """One Markdown table row of a load run."""
+    return (
+        f"| {r['server']} (-w {r['workers']}) | {r['connections']} | {r['images_per_request']} "
+        f"| {r['req_per_s']:,.0f} | {r['images_per_s']:,.0f} | {r['p50_ms']:.2f} "
+        f"| {r['p99_ms']:.2f} | {r['errors']:.0f} | {r['accuracy']:.3f} "
+        f"| {r['server_cpu_cores']:.2f} | {r['rss_mib']:,.0f} / {r['pss_mib']:,.0f} |"
+    )
+
+
+HEADER = (
+    "| server | c | images/req | req/s | images/s | p50 ms | p99 ms | errors | accuracy "
+    "| server CPU (cores) | RSS / PSS MiB |\n"
+    "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
+)
+
+
+def ratios(rows: list[dict[str, Any]]) -> list[str]:
+    """digitflow / baseline req/s (and images/s) for each matching run."""
+    base = {
+        (r["connections"], r["images_per_request"]): r for r in rows if r["server"] == "baseline"
+    }
+    lines = []
+    for r in rows:
+        key = (r["connections"], r["images_per_request"])
+        if r["server"] != "baseline" and key in base and base[key]["images_per_s"] > 0:
+            ratio = r["images_per_s"] / base[key]["images_per_s"]
+            lines.append(f"{r['server']} / baseline at c={key[0]}, {key[1]} img/req: {ratio:.1f}×")
+    return lines
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--checkpoint", type=Path)
-    parser.add_argument("--data", type=Path, default=Path("data/mnist"))
-    parser.add_argument("--seconds", type=float, default=3.0)
-    parser.add_argument("--threads", type=int, default=1)
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--checkpoint", type=Path, help="model.pt (default: the default model)")
+    parser.add_argument("--data", type=Path, default=paths.DEFAULT_DATA_DIR)
+    parser.add_argument("--seconds", type=float, default=15.0, help="per measured load run")
+    parser.add_argument("--warmup", type=float, default=3.0, help="before each load run")
+    parser.add_argument("--inprocess-seconds", type=float, default=3.0)
+    parser.add_argument("--connections", default="1,16,64")
+    parser.add_argument("--servers", default="baseline,digitflow,digitflow-seed-cmd")
+    parser.add_argument("--skip-inprocess", action="store_true")
     args = parser.parse_args()
-    checkpoint = args.checkpoint or _find_checkpoint()
-    with (args.data / "test.csv").open() as handle:
-        rows = list(csv.DictReader(handle))
-    blobs = [(args.data / r["filepath"]).read_bytes() for r in rows[:64]]
-    labels = [int(r["label"]) for r in rows]
-    images = np.stack([bytes_to_input((args.data / r["filepath"]).read_bytes()) for r in rows])
-    results = []
-    for backend in ("torch", "onnx"):
-        clf = Classifier.from_checkpoint(checkpoint, backend=backend, num_threads=args.threads)
-        clf.warm_up()
-        acc = float(
-            np.mean([p.label == y for p, y in zip(clf.predict(images), labels, strict=True)])
-        )
 
-        def decode_forward(c: Classifier = clf) -> None:
-            c.predict(np.stack([bytes_to_input(b) for b in blobs]))
+    checkpoint = args.checkpoint or default_checkpoint()
+    samples = load_samples(args.data)
+    stamp = time.strftime("%Y%m%dT%H%M%S")
+    print(
+        f"machine: {platform.machine()}, {os.cpu_count()} cores; "
+        f"python {platform.python_version()}, torch {version('torch')}, "
+        f"onnxruntime {version('onnxruntime')}, fastapi {version('fastapi')}, "
+        f"uvicorn {version('uvicorn')}, gunicorn {version('gunicorn')}; checkpoint {checkpoint}"
+    )
+    report: dict[str, Any] = {"checkpoint": str(checkpoint), "started": stamp}
+    if not args.skip_inprocess:
+        report["inprocess"] = inprocess.measure_all(checkpoint, samples, args.inprocess_seconds)
+        print("\nIn-process, 1 thread:\n" + inprocess.format_table(report["inprocess"]))
 
-        def forward64(c: Classifier = clf) -> None:
-            c.predict(images[:64])
-
-        def single(c: Classifier = clf) -> None:
-            c.predict(images[:1])
-
-        n, s, _ = _rate(decode_forward, args.seconds)
-        n2, s2, _ = _rate(forward64, args.seconds)
-        _, _, lat = _rate(single, args.seconds)
-        results.append(
-            {
-                "backend": backend,
-                "accuracy": acc,
-                "decode_forward_images_per_s": 64 * n / s,
-                "forward_only_images_per_s": 64 * n2 / s2,
-                "batch1_p50_ms": 1000 * float(np.percentile(lat, 50)),
-                "batch1_p99_ms": 1000 * float(np.percentile(lat, 99)),
-            }
-        )
-    print(f"machine: {platform.machine()} {os.cpu_count()} cpus, threads={args.threads}")
-    print("| backend | accuracy | decode+fwd img/s @64 | fwd img/s @64 | b1 p50 ms | b1 p99 ms |")
-    print("|---|---|---|---|---|---|")
-    for r in results:
-        print(
-            f"| {r['backend']} | {r['accuracy']:.3f} | {r['decode_forward_images_per_s']:.0f} |"
-            f" {r['forward_only_images_per_s']:.0f} | {r['batch1_p50_ms']:.3f} |"
-            f" {r['batch1_p99_ms']:.3f} |"
-        )
-    out = Path("benchmarks/results")
-    out.mkdir(parents=True, exist_ok=True)
-    path = out / f"inprocess-{time.strftime('%Y%m%dT%H%M%S')}.json"
-    path.write_text(json.dumps({"threads": args.threads, "results": results}, indent=2))
-    print(f"saved {path}")
+    specs = server_specs(checkpoint)
+    connections = [int(c) for c in args.connections.split(",")]
+    rows: list[dict[str, Any]] = []
+    with tempfile.TemporaryDirectory(prefix="digitflow-bench-") as tmp:
+        bodies = {
+            1: http_load.write_bodies(samples, Path(tmp) / "single", 1, len(samples)),
+            64: http_load.write_bodies(samples, Path(tmp) / "batch64", 64, 100),
+        }
+        log_dir = RESULTS_DIR / f"logs-{stamp}"
+        print(f"\nHTTP load (wrk, {args.seconds:g} s per run after {args.warmup:g} s warm-up):")
+        print(HEADER, flush=True)
+        for name in args.servers.split(","):
+            rows += bench_server(
+                specs[name], bodies, connections, args.seconds, args.warmup, log_dir
+            )
+    report["http"] = rows
+    print("\n" + "\n".join(ratios(rows)))
+    RESULTS_DIR.mkdir(parents=True, exist_ok=True)
+    out = RESULTS_DIR / f"bench-{stamp}.json"
+    out.write_text(json.dumps(report, indent=2))
+    print(f"saved {out}")
 
 
 if __name__ == "__main__":

@@ -68,7 +68,7 @@ def test_gunicorn_stops_with_a_clear_line_and_a_non_zero_exit(
     if problem == "missing":
         path, words = tmp_path / "absent.pt", "no checkpoint at"
     elif problem == "corrupt":
-        path, words = tmp_path / "corrupt.pt", "corrupt.pt: "
+        path, words = tmp_path / "corrupt.pt", "not a readable PyTorch checkpoint"
         path.write_bytes(b"garbage" * 100)
     elif problem == "malicious":
         path, words = tmp_path / "evil.pt", "refused by the weights-only loader"

@@ -84,7 +84,7 @@ def test_missing_corrupt_and_mismatched_checkpoints_name_the_file(tmp_path: Path
         Classifier.from_checkpoint(tmp_path / "nope.pt")
     corrupt = tmp_path / "corrupt.pt"
     corrupt.write_bytes(b"not a checkpoint at all")
-    with pytest.raises(InvalidCheckpoint, match=r"corrupt\.pt"):
+    with pytest.raises(InvalidCheckpoint, match=r"corrupt\.pt: not a readable PyTorch checkpoint"):
         Classifier.from_checkpoint(corrupt)
     other = tmp_path / "other.pt"
     torch.save({"fc9.weight": torch.zeros(2, 2)}, other)

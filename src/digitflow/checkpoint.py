@@ -12,6 +12,7 @@ import logging
 import os
 import pickle
 import tempfile
+import zipfile
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -59,6 +60,11 @@ def read_state_dict(path: Path, device: torch.device | str = "cpu") -> dict[str,
     try:
         obj: Any = torch.load(path, map_location=device, weights_only=True)
     except pickle.UnpicklingError as exc:
+        if not zipfile.is_zipfile(path):
+            # torch.save writes a zip archive; anything else is not a checkpoint at all.
+            raise InvalidCheckpoint(
+                f"{path}: not a readable PyTorch checkpoint (not the zip archive torch.save writes)"
+            ) from None
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise InvalidCheckpoint(f"{path}: refused by the weights-only loader ({first})") from None
     except (RuntimeError, EOFError, OSError, ValueError, AttributeError, KeyError) as exc:

@@ -20,6 +20,7 @@ from digitflow.microbatch import MicroBatcher
 from digitflow.selftest import run_self_test
 from digitflow_fastapi.config import Settings, get_settings
 from digitflow_fastapi.deps import ModelService
+from digitflow_fastapi.docs import install_docs
 from digitflow_fastapi.errors import install_error_handlers
 from digitflow_fastapi.health import router as health_router
 from digitflow_fastapi.responses import OrjsonResponse
@@ -143,11 +144,14 @@ def create_app(settings: Settings | None = None, classifier: Classifier | None =
         description="Recognises a handwritten digit (0–9) in an uploaded image.",
         default_response_class=OrjsonResponse,
         lifespan=lifespan,
+        docs_url=None,
+        redoc_url=None,
     )
     app.state.service = None
     app.state.settings = conf_for_routes
     app.state.readiness = {"ready": False, "model_loaded": False}
     install_error_handlers(app)
+    install_docs(app)
     app.include_router(health_router)
     app.include_router(model_router, prefix=conf_for_routes.API_V1_STR)
     app.add_middleware(ContentLengthLimit, max_bytes=conf_for_routes.MAX_UPLOAD_BYTES)
