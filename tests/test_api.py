@@ -107,6 +107,19 @@ def test_probabilities_are_added_only_when_asked(
     assert len(item["probabilities"]) == 10
     assert abs(sum(item["probabilities"]) - 1.0) < 1e-3
     assert int(item["prediction"]) == int(np.argmax(item["probabilities"]))
+    off = client.post(
+        PREDICT, params={"probabilities": "false"}, files={"image_file": ("a.png", data)}
+    )
+    assert off.json() == {"data": [{"image_filename": "a.png", "prediction": item["prediction"]}]}
+
+
+def test_a_probabilities_value_that_is_not_a_boolean_gets_422(
+    client: httpx.Client, test_rows: list[tuple[Path, int]]
+) -> None:
+    data = test_rows[0][0].read_bytes()
+    r = client.post(PREDICT, params={"probabilities": "maybe"}, files={"image_file": ("a", data)})
+    assert r.status_code == 422
+    assert "probabilities" in r.json()["detail"]
 
 
 def test_version_reports_the_model_uuid(client: httpx.Client, trained_model: TrainedModel) -> None:

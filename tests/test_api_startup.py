@@ -90,7 +90,7 @@ def test_digitflow_serve_exits_non_zero_on_a_golden_mismatch(
     model_path = copy_with_wrong_golden(trained_model, tmp_path / "g")
     cli = Path(sys.executable).parent / "digitflow"
     result = subprocess.run(
-        [str(cli), "serve", "--host", "127.0.0.1", "--port", "1", "--workers", "1"],
+        [str(cli), "serve", "--host", "127.0.0.1", "--port", "1"],  # default --workers
         env={"PATH": "/usr/bin:/bin", "PRED_MODEL_PATH": str(model_path)},
         capture_output=True,
         text=True,

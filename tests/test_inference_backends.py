@@ -57,10 +57,14 @@ def test_batched_and_one_by_one_give_the_same_answers(
     assert all(abs(sum(p.probabilities) - 1.0) < 1e-4 for p in batched)
 
 
-def test_the_onnx_export_is_cached_next_to_the_checkpoint(trained_model: TrainedModel) -> None:
+def test_the_onnx_export_is_cached_once_outside_the_run_folder(
+    trained_model: TrainedModel, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("DIGITFLOW_CACHE_DIR", str(tmp_path / "cache"))
     Classifier.from_checkpoint(trained_model.model_path, backend="onnx")
-    exports = list(trained_model.model_path.parent.glob("*.onnx"))
+    exports = list((tmp_path / "cache" / "onnx").glob("*.onnx"))
     assert len(exports) == 1
+    assert not list(trained_model.model_path.parent.glob("*.onnx"))
     mtime = exports[0].stat().st_mtime_ns
     Classifier.from_checkpoint(trained_model.model_path, backend="onnx")
     assert exports[0].stat().st_mtime_ns == mtime

@@ -27,7 +27,9 @@ def default_workers() -> int:
 def serve_command(
     host: Annotated[str, typer.Option("--host")] = "0.0.0.0",
     port: Annotated[int, typer.Option("--port")] = 8080,
-    workers: Annotated[int, typer.Option("--workers", min=1)] = 0,
+    workers: Annotated[
+        int, typer.Option("--workers", min=0, help="Worker processes (0: one per core)")
+    ] = 0,
     data_dir: Annotated[Path, typer.Option("--data-dir")] = paths.DEFAULT_DATA_DIR,
     mlruns_dir: Annotated[Path, typer.Option("--mlruns-dir")] = paths.DEFAULT_MLRUNS_DIR,
 ) -> None:
@@ -79,6 +81,12 @@ def predict_command(
         Path | None, typer.Option("--output", "-o", help="JSON Lines file (default: stdout)")
     ] = None,
     progress: Annotated[bool, typer.Option("--progress/--no-progress")] = True,
+    backend: Annotated[
+        str,
+        typer.Option(
+            "--backend", envvar="INFERENCE_BACKEND", help="Inference engine: onnx or torch"
+        ),
+    ] = "onnx",
     data_dir: Annotated[Path, typer.Option("--data-dir")] = paths.DEFAULT_DATA_DIR,
     mlruns_dir: Annotated[Path, typer.Option("--mlruns-dir")] = paths.DEFAULT_MLRUNS_DIR,
 ) -> None:
@@ -95,7 +103,7 @@ def predict_command(
             model_path = ensure_default_model(
                 paths.DEFAULT_TRAIN_CONFIG, data_dir, mlruns_dir
             ).model_path
-    classifier = Classifier.from_checkpoint(model_path)
+    classifier = Classifier.from_checkpoint(model_path, backend=backend)
     if output is None:
         failures = predict_files(classifier, inputs, sys.stdout, progress=progress)
     else:

@@ -19,6 +19,7 @@ import numpy as np
 import numpy.typing as npt
 import torch
 
+from digitflow import paths
 from digitflow.checkpoint import load_model
 from digitflow.errors import ConfigError
 from digitflow.model import Net
@@ -107,12 +108,13 @@ class Classifier:
 def _export_onnx(model: Net, checkpoint: Path) -> Path:
     """Path of the ONNX export of `model`, keyed by the checkpoint's SHA-256, written atomically.
 
-    Next to the checkpoint if that folder is writable, else in the system temp folder.
+    In the user's cache (`paths.cache_dir()/onnx`), else the system temp folder; never beside
+    the checkpoint, which may be an MLflow run's artifact folder or a verified pull.
     Uses the TorchScript exporter (`dynamo=False`): the dynamo one needs onnxscript.
     """
     digest = hashlib.sha256(checkpoint.read_bytes()).hexdigest()[:16]
-    name = f"{checkpoint.stem}.{digest}.onnx"
-    folders = [checkpoint.parent, Path(tempfile.gettempdir()) / "digitflow-onnx"]
+    name = f"model.{digest}.onnx"
+    folders = [paths.cache_dir() / "onnx", Path(tempfile.gettempdir()) / "digitflow-onnx"]
     for folder in folders:
         target = folder / name
         if target.is_file():

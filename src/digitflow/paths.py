@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 PACKAGE_DIR = Path(__file__).resolve().parent
@@ -12,3 +13,12 @@ DEFAULT_MLRUNS_DIR = PROJECT_ROOT / "mlruns"
 DEFAULT_MODELS_DIR = PROJECT_ROOT / "models"
 DEFAULT_TRAIN_CONFIG = CONF_DIR / "train_model.yaml"
 DEFAULT_LOGGING_CONFIG = CONF_DIR / "logging.yaml"
+
+
+def cache_dir() -> Path:
+    """Derived files (ONNX exports): `DIGITFLOW_CACHE_DIR`, else `$XDG_CACHE_HOME/digitflow`."""
+    explicit = os.environ.get("DIGITFLOW_CACHE_DIR")
+    if explicit:
+        return Path(explicit)
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base) / "digitflow"

@@ -25,7 +25,7 @@ class Settings(BaseSettings):
     MAX_UPLOAD_BYTES: int = 10 * 1024 * 1024
     MAX_IMAGE_PIXELS: int = 20_000_000
     MAX_FILES_PER_REQUEST: int = 64
-    INFERENCE_BACKEND: str = "torch"
+    INFERENCE_BACKEND: str = "onnx"
     MAX_BATCH_SIZE: int = 64
     MAX_BATCH_WAIT_MS: float = 2.0
     TORCH_THREADS: int = 0

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
+from functools import lru_cache
 
 from python_multipart.exceptions import MultipartParseError
 from python_multipart.multipart import MultipartParser, parse_options_header
@@ -61,13 +62,23 @@ class _Collector:
             self._current.data += data[start:end]
 
 
+@lru_cache(maxsize=256)
+def _parse_content_type(content_type: str) -> tuple[bytes, dict[bytes, bytes]]:
+    """Media type and options of a Content-Type header (clients repeat the same few)."""
+    return parse_options_header(content_type)
+
+
 async def read_multipart(
     content_type: str | None, stream: AsyncIterator[bytes], max_bytes: int, max_parts: int
 ) -> list[Part]:
     """Parse a multipart/form-data body held in memory; raises RequestError with a 4xx."""
     if not content_type:
         raise RequestError(415, "Content-Type must be multipart/form-data (none given)")
-    media_type, options = parse_options_header(content_type)
+    media_type, options = (
+        _parse_content_type(content_type)
+        if len(content_type) <= 256
+        else parse_options_header(content_type)
+    )
     if media_type != b"multipart/form-data":
         raise RequestError(
             415, f"Content-Type must be multipart/form-data, not {media_type.decode()[:60]!r}"
