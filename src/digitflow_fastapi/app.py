@@ -5,13 +5,12 @@ from __future__ import annotations
 import gc
 import logging
 import os
-from collections.abc import AsyncIterator, Awaitable, Callable, MutableMapping
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
 from fastapi import FastAPI
-from starlette.routing import Route
 
 from digitflow import paths
 from digitflow.device import select_device
@@ -20,6 +19,7 @@ from digitflow.inference import Classifier
 from digitflow.logging_setup import configure_logging_from_file
 from digitflow.microbatch import MicroBatcher
 from digitflow.selftest import run_self_test
+from digitflow_fastapi.asgi import LeanFastAPI
 from digitflow_fastapi.config import Settings, get_settings
 from digitflow_fastapi.deps import ModelService
 from digitflow_fastapi.docs import install_docs
@@ -30,44 +30,6 @@ from digitflow_fastapi.v1.routers.model import predict_lean
 from digitflow_fastapi.v1.routers.model import router as model_router
 
 logger = logging.getLogger(__name__)
-
-Scope = MutableMapping[str, Any]
-Message = MutableMapping[str, Any]
-Receive = Callable[[], Awaitable[Message]]
-Send = Callable[[Message], Awaitable[None]]
-ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
-
-
-class ContentLengthLimit:
-    """Refuses a request whose declared Content-Length exceeds the cap, before reading it."""
-
-    def __init__(self, app: ASGIApp, max_bytes: int) -> None:
-        self.app = app
-        self.max_bytes = max_bytes
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] == "http":
-            for name, value in scope.get("headers", ()):
-                if name == b"content-length":
-                    try:
-                        length = int(value)
-                    except ValueError:
-                        length = -1
-                    if length < 0 or length > self.max_bytes:
-                        detail = (
-                            f"request body of {value.decode('latin-1')[:20]} bytes exceeds "
-                            f"MAX_UPLOAD_BYTES ({self.max_bytes})"
-                            if length >= 0
-                            else "invalid Content-Length header"
-                        )
-                        response = OrjsonResponse(
-                            {"detail": detail}, status_code=413 if length >= 0 else 400
-                        )
-                        response.headers["Connection"] = "close"
-                        await response(scope, receive, send)
-                        return
-                    break
-        await self.app(scope, receive, send)
 
 
 def resolve_model_path(settings: Settings) -> tuple[Path, str]:
@@ -146,7 +108,10 @@ def create_app(settings: Settings | None = None, classifier: Classifier | None =
             await batcher.stop()
 
     conf_for_routes = settings or get_settings()
-    app = FastAPI(
+    predict_path = f"{conf_for_routes.API_V1_STR}/model/predict"
+    app = LeanFastAPI(
+        {predict_path: predict_lean},
+        max_body_bytes=conf_for_routes.MAX_UPLOAD_BYTES,
         title=conf_for_routes.API_NAME,
         description="Recognises a handwritten digit (0–9) in an uploaded image.",
         default_response_class=OrjsonResponse,
@@ -161,9 +126,4 @@ def create_app(settings: Settings | None = None, classifier: Classifier | None =
     install_docs(app)
     app.include_router(health_router)
     app.include_router(model_router, prefix=conf_for_routes.API_V1_STR)
-    # The documented APIRoute stays in the OpenAPI schema; requests hit the lean twin first.
-    app.router.routes.insert(
-        0, Route(f"{conf_for_routes.API_V1_STR}/model/predict", predict_lean, methods=["POST"])
-    )
-    app.add_middleware(ContentLengthLimit, max_bytes=conf_for_routes.MAX_UPLOAD_BYTES)
     return app

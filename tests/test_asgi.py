@@ -1,0 +1,75 @@
+"""The ASGI layer in front of FastAPI, in-process: hot path, body cap, unexpected errors."""
+
+from __future__ import annotations
+
+import asyncio
+import io
+from collections.abc import Awaitable, Callable
+from typing import TypeVar
+
+import httpx
+import numpy as np
+import numpy.typing as npt
+from PIL import Image
+
+from digitflow.inference import Classifier, Prediction
+from digitflow.model import Net
+from digitflow_fastapi.app import create_app
+from digitflow_fastapi.config import Settings
+
+PREDICT = "/api/v1/model/predict"
+
+
+class _Broken(Classifier):
+    def predict(self, batch: npt.NDArray[np.float32]) -> list[Prediction]:
+        raise RuntimeError("boom")
+
+
+def _png() -> bytes:
+    buf = io.BytesIO()
+    Image.new("L", (28, 28), 0).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+T = TypeVar("T")
+
+
+def with_client(use: Callable[[httpx.AsyncClient], Awaitable[T]]) -> T:
+    """Run `use` against the app in-process, inside its lifespan (model "loaded")."""
+    settings = Settings(MAX_UPLOAD_BYTES=10_000, LOGGER_CONFIG_PATH="/nonexistent")
+    app = create_app(settings, classifier=_Broken(Net()))
+
+    async def run() -> T:
+        async with app.router.lifespan_context(app):
+            transport = httpx.ASGITransport(app=app, raise_app_exceptions=False)
+            async with httpx.AsyncClient(transport=transport, base_url="http://t") as client:
+                return await use(client)
+
+    return asyncio.run(run())
+
+
+def test_an_unexpected_error_on_the_hot_path_is_a_json_500_and_the_app_keeps_answering() -> None:
+    async def use(client: httpx.AsyncClient) -> tuple[httpx.Response, httpx.Response]:
+        first = await client.post(PREDICT, files={"image_file": ("a.png", _png())})
+        return first, await client.get("/health")
+
+    r, health = with_client(use)
+    assert r.status_code == 500
+    assert r.json() == {"detail": "internal server error"}
+    assert health.status_code == 200
+
+
+def test_client_errors_on_the_hot_path_keep_their_status() -> None:
+    r = with_client(lambda c: c.post(PREDICT, files={"wrong": ("a.png", _png())}))
+    assert r.status_code == 422
+    assert "image_file" in r.json()["detail"]
+
+
+def test_the_body_cap_covers_every_route() -> None:
+    r = with_client(lambda c: c.post("/api/v1/model/version", content=b"x" * 20_000))
+    assert r.status_code == 413
+    assert "MAX_UPLOAD_BYTES" in r.json()["detail"]
+
+
+def test_other_methods_on_the_predict_path_go_to_fastapi() -> None:
+    assert with_client(lambda c: c.get(PREDICT)).status_code == 405
