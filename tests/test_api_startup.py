@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import pickle
 import shutil
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -98,3 +99,19 @@ def test_digitflow_serve_exits_non_zero_on_a_golden_mismatch(
     )
     assert result.returncode != 0
     assert "golden self-test failed" in result.stderr + result.stdout
+
+
+def test_the_seed_command_refuses_a_port_another_server_listens_on(
+    trained_model: TrainedModel, tmp_path: Path
+) -> None:
+    # Workers bind with SO_REUSEPORT; without the check a second server would share the port.
+    with socket.socket() as other:
+        other.bind(("127.0.0.1", 0))
+        other.listen()
+        port = other.getsockname()[1]
+        server = start_gunicorn(
+            tmp_path / "g.log", {"PRED_MODEL_PATH": str(trained_model.model_path)}, port=port
+        )
+        returncode = server.process.wait(timeout=120)
+    assert returncode != 0
+    assert f"127.0.0.1:{port} is already in use" in server.log()
