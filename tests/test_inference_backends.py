@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import csv
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -73,3 +76,27 @@ def test_the_onnx_export_is_cached_once_outside_the_run_folder(
 def test_an_unknown_backend_is_refused(trained_model: TrainedModel) -> None:
     with pytest.raises(ConfigError, match="unknown inference backend"):
         Classifier.from_checkpoint(trained_model.model_path, backend="tensorrt")
+
+
+def test_a_cached_onnx_export_is_served_without_importing_torch(
+    trained_model: TrainedModel, tmp_path: Path
+) -> None:
+    # torch costs ~250 MB per server worker; with the export cached a worker never loads it.
+    code = (
+        "import sys; from pathlib import Path; from digitflow.inference import Classifier; "
+        "c = Classifier.from_checkpoint(Path(sys.argv[1]), backend='onnx'); "
+        "c.warm_up(); print(c.backend, 'torch' in sys.modules)"
+    )
+    env = {**os.environ, "DIGITFLOW_CACHE_DIR": str(tmp_path / "cache")}
+    runs = [
+        subprocess.run(
+            [sys.executable, "-c", code, str(trained_model.model_path)],
+            env=env,
+            capture_output=True,
+            text=True,
+            check=True,
+            timeout=120,
+        ).stdout.split()
+        for _ in range(2)
+    ]
+    assert runs == [["onnx", "True"], ["onnx", "False"]]  # export once, then torch-free

@@ -1,28 +1,35 @@
 """Classifier: batched prediction on preprocessed arrays; no HTTP knowledge.
 
-One forward pass per batch under `torch.inference_mode()` on a model in `eval()` mode, so the same
-image always gets the same answer. The serving layer, the CLI's batch prediction and the
-benchmarks all go through this class.
+One forward pass per batch, by ONNX Runtime or under `torch.inference_mode()` on a model in
+`eval()` mode, so the same image always gets the same answer. The serving layer, the CLI's
+batch prediction and the benchmarks all go through this class.
 """
 
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
 import tempfile
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import numpy.typing as npt
-import torch
 
 from digitflow import paths
-from digitflow.checkpoint import load_model
 from digitflow.errors import ConfigError
-from digitflow.model import Net
+
+if TYPE_CHECKING:  # torch is imported only when a model has to be built or exported
+    import torch
+
+    from digitflow.model import Net
+
+logger = logging.getLogger(__name__)
+
+BACKENDS = ("torch", "onnx")
 
 
 @dataclass(frozen=True)
@@ -34,13 +41,23 @@ class Prediction:
 
 
 class Classifier:
-    """Runs `Net` on N×28×28 (or N×1×28×28) float32 arrays in [0, 1]."""
+    """Runs the CNN on N×28×28 (or N×1×28×28) float32 arrays in [0, 1].
 
-    def __init__(self, model: Net, device: torch.device | None = None) -> None:
-        self.device = device or torch.device("cpu")
-        self.model = model.to(self.device).eval()
-        self.backend = "torch"
-        self._session: Any = None
+    Either eager PyTorch (`model`) or an ONNX Runtime session (`session`) does the forward pass.
+    """
+
+    def __init__(
+        self, model: Net | None = None, device: torch.device | None = None, session: Any = None
+    ) -> None:
+        if model is None and session is None:
+            raise ValueError("a Classifier needs a model or an ONNX Runtime session")
+        if model is not None:
+            model = model.to(device) if device is not None else model
+            model.eval()
+        self.model = model
+        self.device = device
+        self._session = session
+        self.backend = "onnx" if session is not None else "torch"
 
     @classmethod
     def from_checkpoint(
@@ -52,32 +69,32 @@ class Classifier:
     ) -> Classifier:
         """Load the checkpoint at `path` safely (see `checkpoint.load_model`).
 
-        `backend` names the engine (`torch` for now); `num_threads` caps intra-op threads.
+        `backend` names the engine (`torch` or `onnx`); `num_threads` caps intra-op threads.
+        With `onnx` on the CPU and an export of this exact checkpoint (by SHA-256) in the cache,
+        torch is never imported: each server worker saves ~250 MB of memory.
         """
-        if backend not in ("torch", "onnx"):
+        if backend not in BACKENDS:
             raise ConfigError(f"unknown inference backend {backend!r}; known: torch, onnx")
+        path = Path(path)
+        on_cpu = device is None or device.type == "cpu"
+        if backend == "onnx" and on_cpu:
+            cached = _cached_onnx(path)
+            if cached is not None:
+                return cls(session=_onnx_session(cached, num_threads or 1))
+        import torch
+
+        from digitflow.checkpoint import load_model
+
         if num_threads:
             torch.set_num_threads(num_threads)
         device = device or torch.device("cpu")
-        classifier = cls(load_model(path, device), device)
+        model = load_model(path, device)
+        if backend == "onnx" and on_cpu:
+            session = _onnx_session(_export_onnx(model, path), num_threads or 1)
+            return cls(session=session)
         if backend == "onnx":
-            classifier._use_onnx(Path(path), num_threads or 1)
-        return classifier
-
-    def _use_onnx(self, checkpoint: Path, num_threads: int) -> None:
-        """Export the model to ONNX (cached by checkpoint hash) and run it with onnxruntime."""
-        import onnxruntime as ort
-
-        onnx_path = _export_onnx(self.model.cpu(), checkpoint)
-        options = ort.SessionOptions()
-        options.intra_op_num_threads = num_threads
-        options.inter_op_num_threads = 1
-        options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        self._session = ort.InferenceSession(
-            str(onnx_path), options, providers=["CPUExecutionProvider"]
-        )
-        self.backend = "onnx"
+            logger.info("ONNX Runtime runs on the CPU here; using PyTorch on %s", device)
+        return cls(model, device)
 
     def log_probabilities(self, batch: npt.NDArray[np.float32]) -> npt.NDArray[np.float32]:
         """N×10 log-probabilities for a batch, in one forward pass."""
@@ -85,8 +102,11 @@ class Classifier:
         if self._session is not None:
             (output_array,) = self._session.run(None, {"images": array})
             return np.asarray(output_array, dtype=np.float32)
+        import torch
+
+        assert self.model is not None
         with torch.inference_mode():
-            output = self.model(torch.from_numpy(array).to(self.device))
+            output = self.model(torch.from_numpy(array).to(self.device or "cpu"))
         return np.asarray(output.cpu().numpy(), dtype=np.float32)
 
     def predict(self, batch: npt.NDArray[np.float32]) -> list[Prediction]:
@@ -105,6 +125,37 @@ class Classifier:
             self.log_probabilities(np.zeros((size, 28, 28), dtype=np.float32))
 
 
+def _onnx_session(onnx_path: Path, num_threads: int) -> Any:
+    """An ONNX Runtime CPU session with `num_threads` intra-op threads, run sequentially."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = num_threads
+    options.inter_op_num_threads = 1
+    options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    return ort.InferenceSession(str(onnx_path), options, providers=["CPUExecutionProvider"])
+
+
+def _onnx_folders() -> list[Path]:
+    return [paths.cache_dir() / "onnx", Path(tempfile.gettempdir()) / "digitflow-onnx"]
+
+
+def _onnx_name(checkpoint: Path) -> str:
+    return f"model.{hashlib.sha256(checkpoint.read_bytes()).hexdigest()[:16]}.onnx"
+
+
+def _cached_onnx(checkpoint: Path) -> Path | None:
+    """The cached export of this exact checkpoint, if any (None when the checkpoint is missing)."""
+    if not checkpoint.is_file():
+        return None
+    name = _onnx_name(checkpoint)
+    for folder in _onnx_folders():
+        if (folder / name).is_file():
+            return folder / name
+    return None
+
+
 def _export_onnx(model: Net, checkpoint: Path) -> Path:
     """Path of the ONNX export of `model`, keyed by the checkpoint's SHA-256, written atomically.
 
@@ -112,14 +163,13 @@ def _export_onnx(model: Net, checkpoint: Path) -> Path:
     the checkpoint, which may be an MLflow run's artifact folder or a verified pull.
     Uses the TorchScript exporter (`dynamo=False`): the dynamo one needs onnxscript.
     """
-    digest = hashlib.sha256(checkpoint.read_bytes()).hexdigest()[:16]
-    name = f"model.{digest}.onnx"
-    folders = [paths.cache_dir() / "onnx", Path(tempfile.gettempdir()) / "digitflow-onnx"]
-    for folder in folders:
-        target = folder / name
-        if target.is_file():
-            return target
-    for folder in folders:
+    import torch
+
+    cached = _cached_onnx(checkpoint)
+    if cached is not None:
+        return cached
+    name = _onnx_name(checkpoint)
+    for folder in _onnx_folders():
         try:
             folder.mkdir(parents=True, exist_ok=True)
             fd, tmp = tempfile.mkstemp(prefix=f".{name}.", suffix=".tmp", dir=folder)
@@ -130,7 +180,7 @@ def _export_onnx(model: Net, checkpoint: Path) -> Path:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
                 torch.onnx.export(
-                    model,
+                    model.cpu(),
                     (torch.zeros(1, 1, 28, 28),),
                     tmp,
                     dynamo=False,

@@ -13,7 +13,6 @@ from typing import Any
 from fastapi import FastAPI
 
 from digitflow import paths
-from digitflow.device import select_device
 from digitflow.errors import ConfigError, DigitflowError
 from digitflow.inference import Classifier
 from digitflow.logging_setup import configure_logging_from_file
@@ -59,7 +58,11 @@ def torch_threads(settings: Settings) -> int:
 def load_classifier(settings: Settings) -> tuple[Classifier, str, dict[str, Any]]:
     """Load, warm up and self-test the model; raises DigitflowError with one clear message."""
     model_path, model_uuid = resolve_model_path(settings)
-    device = select_device(settings.USE_CUDA, settings.USE_MPS)
+    device = None  # the CPU; only a GPU request needs torch here (the ONNX path may never)
+    if settings.USE_CUDA or settings.USE_MPS:
+        from digitflow.device import select_device
+
+        device = select_device(settings.USE_CUDA, settings.USE_MPS)
     classifier = Classifier.from_checkpoint(
         model_path,
         device=device,
