@@ -81,6 +81,22 @@ def test_concurrent_requests_are_batched_and_each_gets_its_own_answer(
     assert max(recorder.sizes) > 3
 
 
+def test_with_a_wait_window_concurrent_requests_wait_for_latecomers(recorder: Recorder) -> None:
+    async def run(wait_ms: float) -> list[int]:
+        recorder.sizes = []
+        batcher = MicroBatcher(recorder, max_batch_size=64, max_wait_ms=wait_ms)  # type: ignore[arg-type]
+        await batcher.start()
+        first = [asyncio.create_task(batcher.predict(_images(1, i))) for i in range(2)]
+        await asyncio.sleep(0.1)  # a latecomer, inside a 2 s window but after a greedy pass
+        late = asyncio.create_task(batcher.predict(_images(1, 9)))
+        await asyncio.gather(*first, late)
+        await batcher.stop()
+        return recorder.sizes
+
+    assert asyncio.run(run(2000)) == [3]  # one forward pass for all three
+    assert asyncio.run(run(0)) == [2, 1]  # greedy: the latecomer goes in the next pass
+
+
 def test_an_error_reaches_the_callers_of_that_batch_only(recorder: Recorder) -> None:
     recorder.fail_on = 5
 

@@ -27,7 +27,7 @@ class Settings(BaseSettings):
     MAX_FILES_PER_REQUEST: int = 64
     INFERENCE_BACKEND: str = "onnx"
     MAX_BATCH_SIZE: int = 64
-    MAX_BATCH_WAIT_MS: float = 2.0
+    MAX_BATCH_WAIT_MS: float = 0.0
     TORCH_THREADS: int = 0
     WEB_CONCURRENCY: int = 1
 
