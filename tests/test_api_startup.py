@@ -10,6 +10,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import httpx
 import pytest
 import torch
 
@@ -17,6 +18,7 @@ from digitflow.errors import SelfTestFailed
 from digitflow.inference import Classifier
 from digitflow.selftest import run_self_test
 from tests.support.gunicorn_server import TrainedModel, start_gunicorn
+from tests.support.processes import running
 
 
 class _Payload:
@@ -115,3 +117,24 @@ def test_the_seed_command_refuses_a_port_another_server_listens_on(
         returncode = server.process.wait(timeout=120)
     assert returncode != 0
     assert f"127.0.0.1:{port} is already in use" in server.log()
+
+
+def test_pred_model_uri_pulls_the_run_at_start_up_and_serves_it(
+    trained_model: TrainedModel, tmp_path: Path
+) -> None:
+    # The trained_model fixture's embedded store: <mlruns>/artifacts/<run>/artifacts/model/model.pt
+    mlruns = trained_model.model_path.parents[4]
+    models_dir = tmp_path / "models"
+    env = {
+        "MLFLOW_TRACKING_URI": f"sqlite:///{mlruns / 'mlflow.db'}",
+        "PRED_MODEL_URI": f"runs:/{trained_model.run_id}/model",
+        "PRED_MODELS_DIR": str(models_dir),
+    }
+    server = start_gunicorn(tmp_path / "g.log", env, workers=1)
+    with running(server, "/ready", timeout=180):
+        version = httpx.get(server.url + "/api/v1/model/version", timeout=30).json()
+        ready = httpx.get(server.url + "/ready", timeout=30).json()
+    pulled = models_dir / trained_model.run_id / "artifacts" / "model" / "model.pt"
+    assert pulled.read_bytes() == trained_model.model_path.read_bytes()
+    assert version == {"data": {"model_uuid": trained_model.run_id}}
+    assert ready["ready"] is True and ready["golden_checked"] == 20

@@ -12,7 +12,6 @@ from typing import Any
 
 from fastapi import FastAPI
 
-from digitflow import paths
 from digitflow.errors import ConfigError, DigitflowError
 from digitflow.inference import Classifier
 from digitflow.logging_setup import configure_logging_from_file
@@ -41,7 +40,9 @@ def resolve_model_path(settings: Settings) -> tuple[Path, str]:
         except ImportError as exc:  # pragma: no cover - depends on the artifacts issue
             raise ConfigError("PRED_MODEL_URI needs digitflow.artifacts, not installed") from exc
         resolved = resolve_model(
-            settings.PRED_MODEL_URI, paths.DEFAULT_MODELS_DIR, StoreConfig.from_env(os.environ)
+            settings.PRED_MODEL_URI,
+            Path(settings.PRED_MODELS_DIR),
+            StoreConfig.from_env(os.environ),
         )
         return resolved.model_path, settings.PRED_MODEL_UUID or (resolved.run_id or "")
     raise ConfigError("set PRED_MODEL_PATH (or PRED_MODEL_URI) to the model to serve")

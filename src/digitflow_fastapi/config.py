@@ -22,6 +22,7 @@ class Settings(BaseSettings):
     PRED_MODEL_UUID: str = ""
     PRED_MODEL_PATH: str = ""
     PRED_MODEL_URI: str = ""
+    PRED_MODELS_DIR: str = str(paths.DEFAULT_MODELS_DIR)
     MAX_UPLOAD_BYTES: int = 10 * 1024 * 1024
     MAX_IMAGE_PIXELS: int = 20_000_000
     MAX_FILES_PER_REQUEST: int = 64
