@@ -16,9 +16,10 @@ import torch
 
 from digitflow.errors import SelfTestFailed
 from digitflow.inference import Classifier
+from digitflow.preprocess import bytes_to_input
 from digitflow.selftest import run_self_test
-from tests.support.gunicorn_server import TrainedModel, start_gunicorn
-from tests.support.processes import running
+from tests.support.gunicorn_server import SRC_DIR, TrainedModel, start_gunicorn
+from tests.support.processes import free_port, running, start_process
 
 
 class _Payload:
@@ -138,3 +139,28 @@ def test_pred_model_uri_pulls_the_run_at_start_up_and_serves_it(
     assert pulled.read_bytes() == trained_model.model_path.read_bytes()
     assert version == {"data": {"model_uuid": trained_model.run_id}}
     assert ready["ready"] is True and ready["golden_checked"] == 20
+
+
+def test_plain_uvicorn_from_src_serves_the_seed_request(
+    trained_model: TrainedModel, tmp_path: Path, data_dir: Path
+) -> None:
+    # The seed's command for Windows users: `uvicorn digitflow_fastapi.main:APP` from src/.
+    port = free_port()
+    uvicorn = str(Path(sys.executable).parent / "uvicorn")
+    command = [uvicorn, "digitflow_fastapi.main:APP", "--host", "127.0.0.1", "--port", str(port)]
+    env = {"PRED_MODEL_PATH": str(trained_model.model_path), "PRED_MODEL_UUID": "u1"}
+    server = start_process(command, tmp_path / "u.log", f"http://127.0.0.1:{port}", env, SRC_DIR)
+    sample = next((data_dir / "test" / "7").glob("*.png"))
+    with running(server, "/ready", timeout=120):
+        answer = httpx.post(
+            server.url + "/api/v1/model/predict",
+            files={"image_file": ("digit.png", sample.read_bytes())},
+            timeout=30,
+        )
+    expected = Classifier.from_checkpoint(trained_model.model_path).predict(
+        bytes_to_input(sample.read_bytes())[None]
+    )[0]
+    assert answer.status_code == 200
+    assert answer.json() == {
+        "data": [{"image_filename": "digit.png", "prediction": str(expected.label)}]
+    }
