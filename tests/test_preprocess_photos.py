@@ -17,11 +17,13 @@ from tests.support.gunicorn_server import TrainedModel
 COUNT = 300
 
 
-def as_photo(path: Path, rng: np.random.Generator, fmt: str) -> bytes:
-    """An MNIST digit drawn dark on uneven light paper at 200–300 px, noisy, blurred, off-centre."""
+def as_photo(
+    path: Path, rng: np.random.Generator, fmt: str, sizes: tuple[int, int] = (200, 301)
+) -> bytes:
+    """An MNIST digit drawn dark on uneven light paper (200–300 px), noisy, blurred, off-centre."""
     with Image.open(path) as img:
         digit = np.asarray(img.convert("L"), dtype=np.float32) / 255.0
-    size = int(rng.integers(200, 301))
+    size = int(rng.integers(*sizes))
     scale = size / 28 * float(rng.uniform(0.6, 0.9))
     big = Image.fromarray((digit * 255).astype(np.uint8)).resize(
         (int(28 * scale), int(28 * scale)), Image.Resampling.BICUBIC
@@ -60,3 +62,17 @@ def test_photos_of_dark_digits_on_light_paper_are_recognised_at_least_80_percent
     )
     print(f"{fmt} photo proxy accuracy: {accuracy:.3f} on {COUNT}")
     assert accuracy >= 0.80
+
+
+@pytest.mark.parametrize("fmt", ["JPEG", "PNG"])
+def test_big_photos_are_recognised_too(
+    trained_model: TrainedModel, data_dir: Path, fmt: str
+) -> None:
+    # 1,100-2,000 px: reduced (JPEG: decoded at 1/2-1/8 scale) before normalising.
+    with (data_dir / "test.csv").open() as f:
+        rows = [(data_dir / r["filepath"], int(r["label"])) for r in csv.DictReader(f)][:20]
+    rng = np.random.default_rng(11)
+    inputs = np.stack([bytes_to_input(as_photo(p, rng, fmt, (1100, 2001))) for p, _ in rows])
+    predictions = Classifier.from_checkpoint(trained_model.model_path).predict(inputs)
+    right = sum(p.label == label for p, (_, label) in zip(predictions, rows, strict=True))
+    assert right >= 16  # at least 80 %

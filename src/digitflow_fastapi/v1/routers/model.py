@@ -5,7 +5,9 @@ from __future__ import annotations
 from typing import Annotated, Any
 
 import numpy as np
+import numpy.typing as npt
 from fastapi import APIRouter, Depends, Query, Request
+from starlette.concurrency import run_in_threadpool
 
 from digitflow.errors import InvalidImage
 from digitflow.preprocess import bytes_to_input
@@ -98,6 +100,18 @@ async def predict_lean(request: Request) -> OrjsonResponse:
     return await answer_predict(request, probabilities)
 
 
+# A small image (an MNIST PNG is ~300 bytes) costs less to decode than a thread hop; a big photo
+# can take a second, which inline would stall every other request on this worker's event loop.
+INLINE_DECODE_BYTES = 32 * 1024
+
+
+async def _to_input(data: bytes, max_pixels: int) -> npt.NDArray[np.float32]:
+    """Decode + preprocess one upload: inline when small, in a worker thread when big."""
+    if len(data) <= INLINE_DECODE_BYTES:
+        return bytes_to_input(data, max_pixels=max_pixels)
+    return await run_in_threadpool(bytes_to_input, data, max_pixels=max_pixels)
+
+
 async def answer_predict(request: Request, probabilities: bool) -> OrjsonResponse:
     """Read the upload, decode every image, predict them in one batch, answer the seed's shape."""
     service = await get_service(request)
@@ -115,12 +129,12 @@ async def answer_predict(request: Request, probabilities: bool) -> OrjsonRespons
         raise RequestError(422, f"missing form field {FIELD!r}{found}")
     inputs = []
     for index, part in enumerate(files):
-        label = f"{FIELD} #{index + 1} ({(part.filename or '')[:100]!r})"
-        if not part.data:
-            raise RequestError(400, f"{label}: empty file")
         try:
-            inputs.append(bytes_to_input(bytes(part.data), max_pixels=settings.MAX_IMAGE_PIXELS))
+            if not part.data:
+                raise InvalidImage("empty file")
+            inputs.append(await _to_input(bytes(part.data), settings.MAX_IMAGE_PIXELS))
         except InvalidImage as exc:
+            label = f"{FIELD} #{index + 1} ({(part.filename or '')[:100]!r})"
             raise RequestError(status_for(exc), f"{label}: {exc}") from exc
     predictions = await service.batcher.predict(np.stack(inputs).astype(np.float32))
     data: list[dict[str, Any]] = []
