@@ -8,12 +8,18 @@
   exits are reset, and clients retry.
 - Because SO_REUSEPORT would let a second server on the same port share it silently, the
   master first checks that nothing listens there and stops with a clear message if it does.
+- Metrics: `DIGITFLOW_METRICS_DIR` (a fresh temporary folder unless set) is where workers write
+  their metric snapshots, so `/metrics` reports all of them (see `digitflow_fastapi.metrics`);
+  the folder is removed at exit if this file made it.
 """
 
 import errno
 import os
+import shutil
 import socket
 import sys
+import tempfile
+from pathlib import Path
 from typing import Any
 
 reuse_port = True
@@ -35,7 +41,29 @@ def _refuse_busy_ports(addresses: list[Any]) -> None:
                 raise
 
 
+_MADE_METRICS_DIR = "DIGITFLOW_MADE_METRICS_DIR"
+
+
+def _prepare_metrics_dir() -> None:
+    folder = os.environ.get("DIGITFLOW_METRICS_DIR")
+    if not folder:
+        folder = tempfile.mkdtemp(prefix="digitflow-metrics-")
+        os.environ["DIGITFLOW_METRICS_DIR"] = folder
+        os.environ[_MADE_METRICS_DIR] = folder
+    Path(folder).mkdir(parents=True, exist_ok=True)
+    for stale in Path(folder).glob("worker-*.json"):  # an earlier run's totals would be added
+        stale.unlink()
+
+
 def on_starting(server: Any) -> None:
     """Refuse a busy port; export the worker count (each worker uses cores // workers threads)."""
     _refuse_busy_ports(list(server.cfg.address))
     os.environ.setdefault("WEB_CONCURRENCY", str(server.cfg.workers))
+    _prepare_metrics_dir()
+
+
+def on_exit(server: Any) -> None:
+    """Remove the metrics folder if this file created it."""
+    made = os.environ.get(_MADE_METRICS_DIR)
+    if made:
+        shutil.rmtree(made, ignore_errors=True)

@@ -8,6 +8,7 @@ import json
 import shutil
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -378,3 +379,34 @@ def test_server_cli_and_in_process_model_agree_on_all_test_images(
         [int(a) == label for a, (_, label) in zip(in_process, test_rows, strict=True)]
     )
     assert accuracy > 0.9
+
+
+def _metric(text: str, name: str) -> float:
+    for line in text.splitlines():
+        if line.startswith(name + " "):
+            return float(line.split()[-1])
+    return 0.0
+
+
+def test_metrics_count_every_workers_requests_by_status(
+    client: httpx.Client, test_rows: list[tuple[Path, int]]
+) -> None:
+    ok = 'digitflow_predict_requests_total{status="200"}'
+    refused = 'digitflow_predict_requests_total{status="415"}'
+    before = client.get("/metrics").text
+    data = test_rows[0][0].read_bytes()
+    for _ in range(12):  # new connections: the kernel spreads them over both workers
+        httpx.post(client.base_url.join(PREDICT), files={"image_file": ("a.png", data)}, timeout=30)
+    client.post(PREDICT, files={"image_file": ("a.pdf", BAD_FORMATS["pdf"])})
+    deadline = time.monotonic() + 10
+    while True:  # other workers publish their snapshot every second
+        after = client.get("/metrics")
+        if _metric(after.text, ok) - _metric(before, ok) >= 12 or time.monotonic() > deadline:
+            break
+        time.sleep(0.3)
+    assert after.headers["content-type"].startswith("text/plain")
+    assert _metric(after.text, ok) - _metric(before, ok) == 12
+    assert _metric(after.text, refused) - _metric(before, refused) == 1
+    images = "digitflow_predicted_images_total"
+    assert _metric(after.text, images) - _metric(before, images) == 12
+    assert 'digitflow_predict_latency_seconds_bucket{le="+Inf"}' in after.text

@@ -15,6 +15,7 @@ batch 2 to 64, so a window only adds latency.
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
@@ -33,8 +34,16 @@ class _Request:
 class MicroBatcher:
     """Runs a `Classifier` off the event loop, batching concurrent requests."""
 
-    def __init__(self, classifier: Classifier, max_batch_size: int = 64, max_wait_ms: float = 0.0):
+    def __init__(
+        self,
+        classifier: Classifier,
+        max_batch_size: int = 64,
+        max_wait_ms: float = 0.0,
+        on_batch: Callable[[int], object] | None = None,
+    ):
+        """`on_batch`, if given, is called with the image count of every forward pass."""
         self.classifier = classifier
+        self.on_batch = on_batch
         self.max_batch_size = max(1, max_batch_size)
         self.max_wait_ms = max_wait_ms
         self._queue: asyncio.Queue[_Request | None] | None = None
@@ -131,6 +140,8 @@ class MicroBatcher:
             return
         images = live[0].images if len(live) == 1 else np.concatenate([r.images for r in live])
         self.forward_calls += 1
+        if self.on_batch is not None:
+            self.on_batch(len(images))
         loop = asyncio.get_running_loop()
         try:
             predictions = await loop.run_in_executor(

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import gc
 import logging
 import os
@@ -17,6 +19,7 @@ from digitflow.inference import Classifier
 from digitflow.logging_setup import configure_logging_from_file
 from digitflow.microbatch import MicroBatcher
 from digitflow.selftest import run_self_test
+from digitflow_fastapi import metrics
 from digitflow_fastapi.asgi import LeanFastAPI
 from digitflow_fastapi.config import Settings, get_settings
 from digitflow_fastapi.deps import ModelService
@@ -95,7 +98,12 @@ def create_app(settings: Settings | None = None, classifier: Classifier | None =
         except DigitflowError as exc:
             logger.error("start-up failed: %s", exc)
             raise SystemExit(f"start-up failed: {exc}") from exc
-        batcher = MicroBatcher(loaded, conf.MAX_BATCH_SIZE, conf.MAX_BATCH_WAIT_MS)
+        batcher = MicroBatcher(
+            loaded,
+            conf.MAX_BATCH_SIZE,
+            conf.MAX_BATCH_WAIT_MS,
+            on_batch=metrics.METRICS.observe_batch,
+        )
         await batcher.start()
         app.state.service = ModelService(batcher=batcher, model_uuid=model_uuid)
         app.state.readiness = {"ready": True, "model_loaded": True, "model_uuid": model_uuid}
@@ -105,11 +113,17 @@ def create_app(settings: Settings | None = None, classifier: Classifier | None =
         # a full collection under load walks only request garbage (it cost ~100 ms p99 spikes).
         gc.collect()
         gc.freeze()
+        folder = metrics.metrics_dir()
+        publisher = asyncio.create_task(metrics.publish_forever(folder)) if folder else None
         try:
             yield
         finally:
             app.state.readiness = {"ready": False, "model_loaded": False}
             await batcher.stop()
+            if publisher is not None:
+                publisher.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await publisher
 
     conf_for_routes = settings or get_settings()
     predict_path = f"{conf_for_routes.API_V1_STR}/model/predict"

@@ -9,6 +9,7 @@ documented twin of each hot route in the OpenAPI schema) is plain FastAPI.
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Awaitable, Callable, Mapping, MutableMapping
 from typing import Any
 
@@ -16,6 +17,7 @@ from fastapi import FastAPI
 from starlette.requests import Request
 from starlette.responses import Response
 
+from digitflow_fastapi import metrics
 from digitflow_fastapi.errors import RequestError
 from digitflow_fastapi.responses import OrjsonResponse
 
@@ -77,6 +79,7 @@ class LeanFastAPI(FastAPI):
         await super().__call__(scope, receive, send)
 
     async def _answer(self, endpoint: Endpoint, scope: Scope, receive: Receive, send: Send) -> None:
+        started = time.perf_counter()
         try:
             response = await endpoint(Request(scope, receive))
         except RequestError as exc:
@@ -85,3 +88,4 @@ class LeanFastAPI(FastAPI):
             logger.exception("unhandled error on %s", scope["path"])
             response = OrjsonResponse({"detail": "internal server error"}, status_code=500)
         await response(scope, receive, send)
+        metrics.METRICS.observe_request(response.status_code, time.perf_counter() - started)

@@ -1,11 +1,12 @@
-"""Liveness and readiness probes."""
+"""Liveness and readiness probes, and the Prometheus metrics."""
 
 from __future__ import annotations
 
 from typing import Any
 
-from fastapi import APIRouter, Request
+from fastapi import APIRouter, Request, Response
 
+from digitflow_fastapi import metrics
 from digitflow_fastapi.responses import OrjsonResponse
 
 router = APIRouter(tags=["health"])
@@ -26,3 +27,9 @@ async def ready(request: Request) -> OrjsonResponse:
     """200 once the model is loaded, warmed up and reproduced its golden answers; else 503."""
     state: dict[str, Any] = request.app.state.readiness
     return OrjsonResponse(state, status_code=200 if state.get("ready") else 503)
+
+
+@router.get("/metrics", summary="Prometheus metrics (all workers)")
+async def prometheus_metrics() -> Response:
+    """Request counts by status, images, latency and batch-size histograms, in Prometheus text."""
+    return Response(metrics.render(metrics.metrics_dir()), media_type=metrics.CONTENT_TYPE)

@@ -11,6 +11,7 @@ from starlette.concurrency import run_in_threadpool
 
 from digitflow.errors import InvalidImage
 from digitflow.preprocess import bytes_to_input
+from digitflow_fastapi import metrics
 from digitflow_fastapi.deps import ModelService, get_app_settings, get_service
 from digitflow_fastapi.errors import RequestError, status_for
 from digitflow_fastapi.responses import OrjsonResponse
@@ -137,6 +138,7 @@ async def answer_predict(request: Request, probabilities: bool) -> OrjsonRespons
             label = f"{FIELD} #{index + 1} ({(part.filename or '')[:100]!r})"
             raise RequestError(status_for(exc), f"{label}: {exc}") from exc
     predictions = await service.batcher.predict(np.stack(inputs).astype(np.float32))
+    metrics.METRICS.images += len(predictions)
     data: list[dict[str, Any]] = []
     for part, pred in zip(files, predictions, strict=True):
         item: dict[str, Any] = {

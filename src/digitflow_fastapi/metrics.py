@@ -1,0 +1,157 @@
+"""Prometheus metrics for the predict path, served at `GET /metrics` for all workers at once.
+
+The hot path only bumps integers in this process (about a microsecond; prometheus_client's
+multiprocess mode, which writes a memory-mapped file on every update, measured 5 % fewer
+requests/s at c=64). Each worker writes a JSON snapshot of its totals to `DIGITFLOW_METRICS_DIR`
+every second (atomically), and the worker that answers a scrape adds up every snapshot, its own
+fresh one included. `src/gunicorn.conf.py` sets that folder up; under plain uvicorn the process's
+own totals are served. Snapshots of exited workers stay, so counters never go backwards.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import tempfile
+from bisect import bisect_left
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+METRICS_DIR_ENV = "DIGITFLOW_METRICS_DIR"
+CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+LATENCY_BUCKETS = (0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0)
+BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128)
+
+
+class Histogram:
+    """Counts per bucket (`le` semantics) plus the sum of observed values."""
+
+    def __init__(self, bounds: tuple[float, ...]) -> None:
+        self.bounds = bounds
+        self.counts = [0] * (len(bounds) + 1)  # the last one is +Inf
+        self.sum = 0.0
+
+    def observe(self, value: float) -> None:
+        self.counts[bisect_left(self.bounds, value)] += 1
+        self.sum += value
+
+
+class WorkerMetrics:
+    """This process's totals."""
+
+    def __init__(self) -> None:
+        self.requests: Counter[str] = Counter()
+        self.images = 0
+        self.latency = Histogram(LATENCY_BUCKETS)
+        self.batch = Histogram(BATCH_BUCKETS)
+
+    def observe_request(self, status: int, seconds: float) -> None:
+        self.requests[str(status)] += 1
+        self.latency.observe(seconds)
+
+    def observe_batch(self, images: int) -> None:
+        self.batch.observe(images)
+
+    def snapshot(self) -> dict[str, Any]:
+        return {
+            "requests": dict(self.requests),
+            "images": self.images,
+            "latency": {"counts": self.latency.counts, "sum": self.latency.sum},
+            "batch": {"counts": self.batch.counts, "sum": self.batch.sum},
+        }
+
+
+METRICS = WorkerMetrics()
+
+
+def _snapshot_path(folder: Path) -> Path:
+    return folder / f"worker-{os.getpid()}.json"
+
+
+def write_snapshot(folder: Path) -> None:
+    """Replace this worker's snapshot file atomically."""
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".snapshot-", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as out:
+            json.dump(METRICS.snapshot(), out)
+        os.replace(tmp, _snapshot_path(folder))
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+async def publish_forever(folder: Path, every_s: float = 1.0) -> None:
+    """Write this worker's snapshot every `every_s` seconds until cancelled (then once more)."""
+    try:
+        while True:
+            write_snapshot(folder)
+            await asyncio.sleep(every_s)
+    finally:
+        with contextlib.suppress(OSError):
+            write_snapshot(folder)
+
+
+def _add(total: dict[str, Any], part: dict[str, Any]) -> None:
+    for status, count in part.get("requests", {}).items():
+        total["requests"][status] = total["requests"].get(status, 0) + int(count)
+    total["images"] += int(part.get("images", 0))
+    for name in ("latency", "batch"):
+        counts = part.get(name, {}).get("counts", [])
+        mine = total[name]["counts"]
+        if len(counts) == len(mine):
+            total[name]["counts"] = [a + int(b) for a, b in zip(mine, counts, strict=True)]
+            total[name]["sum"] += float(part[name].get("sum", 0.0))
+
+
+def collect(folder: Path | None) -> dict[str, Any]:
+    """Totals over every worker's snapshot in `folder` (this worker's refreshed first)."""
+    if folder is None:
+        return METRICS.snapshot()
+    write_snapshot(folder)
+    total = WorkerMetrics().snapshot()
+    for path in folder.glob("worker-*.json"):
+        with contextlib.suppress(OSError, ValueError):
+            _add(total, json.loads(path.read_text()))
+    return total
+
+
+def _histogram_lines(name: str, bounds: tuple[float, ...], data: dict[str, Any]) -> list[str]:
+    lines, running = [], 0
+    for bound, count in zip((*bounds, float("inf")), data["counts"], strict=True):
+        running += count
+        le = "+Inf" if bound == float("inf") else repr(float(bound))
+        lines.append(f'{name}_bucket{{le="{le}"}} {running}')
+    lines += [f"{name}_sum {data['sum']!r}", f"{name}_count {running}"]
+    return lines
+
+
+def render(folder: Path | None) -> str:
+    """Prometheus text exposition of the totals."""
+    total = collect(folder)
+    lines = [
+        "# HELP digitflow_predict_requests_total Predict requests answered, by HTTP status.",
+        "# TYPE digitflow_predict_requests_total counter",
+    ]
+    for status, count in sorted(total["requests"].items()):
+        lines.append(f'digitflow_predict_requests_total{{status="{status}"}} {count}')
+    lines += [
+        "# HELP digitflow_predicted_images_total Images predicted.",
+        "# TYPE digitflow_predicted_images_total counter",
+        f"digitflow_predicted_images_total {total['images']}",
+        "# HELP digitflow_predict_latency_seconds Server-side time to answer a predict request.",
+        "# TYPE digitflow_predict_latency_seconds histogram",
+        *_histogram_lines("digitflow_predict_latency_seconds", LATENCY_BUCKETS, total["latency"]),
+        "# HELP digitflow_batch_images Images per forward pass (micro-batching).",
+        "# TYPE digitflow_batch_images histogram",
+        *_histogram_lines("digitflow_batch_images", BATCH_BUCKETS, total["batch"]),
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def metrics_dir() -> Path | None:
+    """The shared snapshot folder, when the server runs several workers."""
+    folder = os.environ.get(METRICS_DIR_ENV)
+    return Path(folder) if folder else None
