@@ -16,8 +16,7 @@ def test_buckets_are_cumulative_with_le_bounds(tmp_path: Path) -> None:
     worker = metrics.WorkerMetrics()
     for seconds in (0.001, 0.0015, 3.0):  # 0.001 belongs to le="0.001" (bound included)
         worker.observe_request(200, seconds)
-    (tmp_path / "worker-1.json").write_text(json.dumps(worker.snapshot()))
-    text = metrics.render(tmp_path)
+    text = metrics.render(tmp_path, own=worker)
     name = "digitflow_predict_latency_seconds"
     assert _line(text, f'{name}_bucket{{le="0.001"}}').endswith(" 1")
     assert _line(text, f'{name}_bucket{{le="0.002"}}').endswith(" 2")
@@ -34,6 +33,6 @@ def test_snapshots_of_all_workers_are_added_up(tmp_path: Path) -> None:
         worker.images = count * 2
         (tmp_path / f"worker-{pid}.json").write_text(json.dumps(worker.snapshot()))
     (tmp_path / "worker-13.json").write_text("{not json")  # a torn file is skipped
-    text = metrics.render(tmp_path)
+    text = metrics.render(tmp_path, own=metrics.WorkerMetrics())
     assert 'digitflow_predict_requests_total{status="200"} 7' in text
     assert "digitflow_predicted_images_total 14" in text

@@ -113,7 +113,7 @@ def create_app(settings: Settings | None = None, classifier: Classifier | None =
         # a full collection under load walks only request garbage (it cost ~100 ms p99 spikes).
         gc.collect()
         gc.freeze()
-        folder = metrics.metrics_dir()
+        folder = Path(conf.DIGITFLOW_METRICS_DIR) if conf.DIGITFLOW_METRICS_DIR else None
         publisher = asyncio.create_task(metrics.publish_forever(folder)) if folder else None
         try:
             yield

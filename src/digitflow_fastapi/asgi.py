@@ -85,7 +85,7 @@ class LeanFastAPI(FastAPI):
         except RequestError as exc:
             response = OrjsonResponse({"detail": exc.detail}, status_code=exc.status_code)
         except Exception:
-            logger.exception("unhandled error on %s", scope["path"])
+            logger.exception("unhandled error on %r", scope["path"][:200])
             response = OrjsonResponse({"detail": "internal server error"}, status_code=500)
         await response(scope, receive, send)
         metrics.METRICS.observe_request(response.status_code, time.perf_counter() - started)

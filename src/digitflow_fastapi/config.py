@@ -31,6 +31,7 @@ class Settings(BaseSettings):
     MAX_BATCH_WAIT_MS: float = 0.0
     TORCH_THREADS: int = 0
     WEB_CONCURRENCY: int = 1
+    DIGITFLOW_METRICS_DIR: str = ""
 
 
 @lru_cache(maxsize=1)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 from fastapi import APIRouter, Request, Response
@@ -30,6 +31,9 @@ async def ready(request: Request) -> OrjsonResponse:
 
 
 @router.get("/metrics", summary="Prometheus metrics (all workers)")
-async def prometheus_metrics() -> Response:
+async def prometheus_metrics(request: Request) -> Response:
     """Request counts by status, images, latency and batch-size histograms, in Prometheus text."""
-    return Response(metrics.render(metrics.metrics_dir()), media_type=metrics.CONTENT_TYPE)
+    setting = request.app.state.settings.DIGITFLOW_METRICS_DIR
+    return Response(
+        metrics.render(Path(setting) if setting else None), media_type=metrics.CONTENT_TYPE
+    )

@@ -20,7 +20,6 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
-METRICS_DIR_ENV = "DIGITFLOW_METRICS_DIR"
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 LATENCY_BUCKETS = (0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0)
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128)
@@ -71,12 +70,12 @@ def _snapshot_path(folder: Path) -> Path:
     return folder / f"worker-{os.getpid()}.json"
 
 
-def write_snapshot(folder: Path) -> None:
+def write_snapshot(folder: Path, own: WorkerMetrics = METRICS) -> None:
     """Replace this worker's snapshot file atomically."""
     fd, tmp = tempfile.mkstemp(dir=folder, prefix=".snapshot-", suffix=".tmp")
     try:
         with os.fdopen(fd, "w") as out:
-            json.dump(METRICS.snapshot(), out)
+            json.dump(own.snapshot(), out)
         os.replace(tmp, _snapshot_path(folder))
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -106,11 +105,11 @@ def _add(total: dict[str, Any], part: dict[str, Any]) -> None:
             total[name]["sum"] += float(part[name].get("sum", 0.0))
 
 
-def collect(folder: Path | None) -> dict[str, Any]:
-    """Totals over every worker's snapshot in `folder` (this worker's refreshed first)."""
+def collect(folder: Path | None, own: WorkerMetrics = METRICS) -> dict[str, Any]:
+    """Totals over every worker's snapshot in `folder` (this worker's, `own`, refreshed first)."""
     if folder is None:
-        return METRICS.snapshot()
-    write_snapshot(folder)
+        return own.snapshot()
+    write_snapshot(folder, own)
     total = WorkerMetrics().snapshot()
     for path in folder.glob("worker-*.json"):
         with contextlib.suppress(OSError, ValueError):
@@ -128,9 +127,9 @@ def _histogram_lines(name: str, bounds: tuple[float, ...], data: dict[str, Any])
     return lines
 
 
-def render(folder: Path | None) -> str:
+def render(folder: Path | None, own: WorkerMetrics = METRICS) -> str:
     """Prometheus text exposition of the totals."""
-    total = collect(folder)
+    total = collect(folder, own)
     lines = [
         "# HELP digitflow_predict_requests_total Predict requests answered, by HTTP status.",
         "# TYPE digitflow_predict_requests_total counter",
@@ -149,9 +148,3 @@ def render(folder: Path | None) -> str:
         *_histogram_lines("digitflow_batch_images", BATCH_BUCKETS, total["batch"]),
     ]
     return "\n".join(lines) + "\n"
-
-
-def metrics_dir() -> Path | None:
-    """The shared snapshot folder, when the server runs several workers."""
-    folder = os.environ.get(METRICS_DIR_ENV)
-    return Path(folder) if folder else None
