@@ -151,8 +151,10 @@ def _cached_onnx(checkpoint: Path) -> Path | None:
         return None
     name = _onnx_name(checkpoint)
     for folder in _onnx_folders():
-        if (folder / name).is_file():
-            return folder / name
+        candidate = folder / name
+        # Only this user's exports: the temp-folder fallback is shared with other users.
+        if candidate.is_file() and candidate.stat().st_uid == os.getuid():
+            return candidate
     return None
 
 
