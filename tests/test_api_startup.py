@@ -8,6 +8,7 @@ import shutil
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import httpx
@@ -64,7 +65,7 @@ def test_a_golden_mismatch_names_the_disagreeing_image(
         run_self_test(Classifier.from_checkpoint(model_path), model_path)
 
 
-@pytest.mark.parametrize("problem", ["missing", "corrupt", "malicious", "golden"])
+@pytest.mark.parametrize("problem", ["missing", "corrupt", "malicious"])
 def test_gunicorn_stops_with_a_clear_line_and_a_non_zero_exit(
     trained_model: TrainedModel, tmp_path: Path, problem: str
 ) -> None:
@@ -74,14 +75,9 @@ def test_gunicorn_stops_with_a_clear_line_and_a_non_zero_exit(
     elif problem == "corrupt":
         path, words = tmp_path / "corrupt.pt", "not a readable PyTorch checkpoint"
         path.write_bytes(b"garbage" * 100)
-    elif problem == "malicious":
+    else:
         path, words = tmp_path / "evil.pt", "refused by the weights-only loader"
         torch.save({"model_state_dict": _Payload(marker)}, path, pickle_module=pickle)
-    else:
-        path, words = (
-            copy_with_wrong_golden(trained_model, tmp_path / "g"),
-            "golden self-test failed",
-        )
     returncode, log = run_gunicorn_until_exit(tmp_path, path)
     assert returncode != 0
     assert "start-up failed: " in log and words in log and path.name in log
@@ -164,3 +160,27 @@ def test_plain_uvicorn_from_src_serves_the_seed_request(
     assert answer.json() == {
         "data": [{"image_filename": "digit.png", "prediction": str(expected.label)}]
     }
+
+
+def test_a_golden_mismatch_keeps_the_worker_up_but_unready(
+    trained_model: TrainedModel, tmp_path: Path
+) -> None:
+    model_path = copy_with_wrong_golden(trained_model, tmp_path / "g")
+    server = start_gunicorn(tmp_path / "g.log", {"PRED_MODEL_PATH": str(model_path)}, workers=1)
+    with running(server, "/health", timeout=120):
+        deadline = time.monotonic() + 60
+        while "self_test" not in (ready := httpx.get(server.url + "/ready", timeout=30)).text:
+            assert time.monotonic() < deadline, ready.text
+            time.sleep(0.3)
+        answer = httpx.post(
+            server.url + "/api/v1/model/predict",
+            files={"image_file": ("a.png", b"\x89PNG\r\n\x1a\n")},
+            timeout=30,
+        )
+        alive = httpx.get(server.url + "/health", timeout=30)
+    assert ready.status_code == 503
+    assert ready.json()["self_test"] == "failed"
+    assert "1/20 images disagree" in ready.json()["detail"]
+    assert answer.status_code == 503 and "golden self-test" in answer.json()["detail"]
+    assert alive.status_code == 200
+    assert "1/20 images disagree" in server.log()

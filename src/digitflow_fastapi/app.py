@@ -14,7 +14,7 @@ from typing import Any
 
 from fastapi import FastAPI
 
-from digitflow.errors import ConfigError, DigitflowError
+from digitflow.errors import ConfigError, DigitflowError, SelfTestFailed
 from digitflow.inference import Classifier
 from digitflow.logging_setup import configure_logging_from_file
 from digitflow.microbatch import MicroBatcher
@@ -95,6 +95,18 @@ def create_app(settings: Settings | None = None, classifier: Classifier | None =
                 loaded = classifier
                 loaded.warm_up()
                 report = {"warmed_up": True, "golden_checked": 0, "golden_file": None}
+        except SelfTestFailed as exc:
+            # The worker stays up, unready: probes see why, predict answers 503.
+            logger.error("not ready: %s", exc)
+            app.state.readiness = {
+                "ready": False,
+                "model_loaded": True,
+                "model_uuid": model_uuid,
+                "self_test": "failed",
+                "detail": str(exc),
+            }
+            yield
+            return
         except DigitflowError as exc:
             logger.error("start-up failed: %s", exc)
             raise SystemExit(f"start-up failed: {exc}") from exc
