@@ -352,3 +352,32 @@ def test_ctrl_c_during_a_pull_exits_130_and_cleans_up_its_staging_folder(
     process = start_pull(run_id, tmp_path, mlflow_stack.proxy.url)
     assert signal_once_writing(process, tmp_path, run_id, signal.SIGINT) == 130
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_proxy_whose_s3_refuses_it_gives_one_line_and_leaves_nothing(
+    mlflow_stack: MlflowStack, stack_runs: StackRuns, tmp_path: Path
+) -> None:
+    # A second artifact proxy on the same tracking store, with a wrong S3 secret: the run is
+    # found, but every download through the proxy fails on the S3 side.
+    from tests.support.mlflow_server import launch_mlflow_server
+    from tests.support.processes import running
+
+    workdir = tmp_path / "broken-proxy"
+    workdir.mkdir()
+    (workdir / "mlflow.db").symlink_to(mlflow_stack.proxy.log_path.parent / "mlflow.db")
+    broken = launch_mlflow_server(
+        workdir,
+        ["--artifacts-destination", f"s3://{BUCKET}/proxied", "--serve-artifacts"],
+        env={**mlflow_stack.s3.env(), "AWS_SECRET_ACCESS_KEY": "wrong-secret"},
+    )
+    with running(broken, "/health", timeout=180):
+        result = invoke(
+            "pull",
+            stack_runs.proxy_run,
+            "--dest",
+            str(tmp_path / "models"),
+            env={"MLFLOW_TRACKING_URI": broken.url},
+        )
+    # Blamed on the server's storage, not on the (absent) client credentials.
+    assert_one_line_error(result, 9, "artifact store refused the server", "HTTP 401")
+    assert not list((tmp_path / "models").rglob("model.pt"))

@@ -234,9 +234,18 @@ class ProxySource:
             ) from None
         if response.status_code in (401, 403):
             response.close()
+            if self.session.auth is None:
+                # The tracking API took us without credentials, so the refusal is the storage
+                # behind the proxy refusing the server itself (e.g. its S3 keys are wrong).
+                raise StorageAuthError(
+                    f"the MLflow server's artifact store refused the server for {what} "
+                    f"(HTTP {response.status_code}); the server's own storage credentials are "
+                    "wrong or lack access (see the mlflow server's log)"
+                )
             raise TrackingAuthError(
                 f"MLflow server refused the credentials for {what} (HTTP {response.status_code}); "
-                "check MLFLOW_TRACKING_USERNAME / MLFLOW_TRACKING_PASSWORD"
+                "check MLFLOW_TRACKING_USERNAME / MLFLOW_TRACKING_PASSWORD (or, if they are "
+                "right, the server's own storage credentials)"
             )
         if response.status_code == 404:
             response.close()
