@@ -85,54 +85,55 @@ class MicroBatcher:
     async def _loop(self) -> None:
         assert self._queue is not None
         queue = self._queue
-        stopping = False
-        while not stopping:
+        while True:
             first = await queue.get()
             if first is None:
                 break
-            batch = [first]
-            size = len(first.images)
-            # Take whatever is already queued, without waiting for more.
-            while size < self.max_batch_size and not queue.empty():
-                item = queue.get_nowait()
-                if item is None:
-                    stopping = True
-                    break
-                if size + len(item.images) > self.max_batch_size:
-                    await self._run([item])  # keeps order simple: oversize goes alone next
-                    continue
-                batch.append(item)
-                size += len(item.images)
-            if not stopping and len(batch) > 1 and self.max_wait_ms > 0:
-                stopping, size = await self._fill(batch, size)
+            batch, stopping = await self._gather(first)
             await self._run(batch)
+            if stopping:
+                break
         # Drain anything left after the stop marker.
         while not queue.empty():
             item = queue.get_nowait()
             if item is not None:
                 await self._run([item])
 
-    async def _fill(self, batch: list[_Request], size: int) -> tuple[bool, int]:
-        """Wait up to `max_wait_ms` for more requests that fit; returns (stop seen, size)."""
+    async def _gather(self, first: _Request) -> tuple[list[_Request], bool]:
+        """`first` plus the requests that fit: whatever is queued now, then, when at least two
+        were waiting and `max_wait_ms` > 0, whatever arrives within that window.
+
+        Returns the batch and whether the stop marker was seen. A request that would overflow
+        the batch runs alone at once (keeps order simple).
+        """
         assert self._queue is not None
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + self.max_wait_ms / 1000
+        queue = self._queue
+        batch, size = [first], len(first.images)
+        deadline: float | None = None
         while size < self.max_batch_size:
-            remaining = deadline - loop.time()
-            if remaining <= 0:
-                break
-            try:
-                item = await asyncio.wait_for(self._queue.get(), remaining)
-            except TimeoutError:
-                break
+            if not queue.empty():
+                item = queue.get_nowait()
+            else:
+                if len(batch) < 2 or self.max_wait_ms <= 0:
+                    break  # greedy: a lone request never waits
+                loop = asyncio.get_running_loop()
+                if deadline is None:
+                    deadline = loop.time() + self.max_wait_ms / 1000
+                remaining = deadline - loop.time()
+                if remaining <= 0:
+                    break
+                try:
+                    item = await asyncio.wait_for(queue.get(), remaining)
+                except TimeoutError:
+                    break
             if item is None:
-                return True, size
+                return batch, True
             if size + len(item.images) > self.max_batch_size:
                 await self._run([item])
                 continue
             batch.append(item)
             size += len(item.images)
-        return False, size
+        return batch, False
 
     async def _run(self, batch: list[_Request]) -> None:
         live = [r for r in batch if not r.future.done()]
