@@ -77,8 +77,9 @@ class Classifier:
             raise ConfigError(f"unknown inference backend {backend!r}; known: torch, onnx")
         path = Path(path)
         on_cpu = device is None or device.type == "cpu"
-        if backend == "onnx" and on_cpu:
-            cached = _cached_onnx(path)
+        onnx_name = _onnx_name(path) if backend == "onnx" and on_cpu and path.is_file() else None
+        if onnx_name is not None:
+            cached = _cached_onnx(onnx_name)
             if cached is not None:
                 return cls(session=_onnx_session(cached, num_threads or 1))
         import torch
@@ -89,8 +90,8 @@ class Classifier:
             torch.set_num_threads(num_threads)
         device = device or torch.device("cpu")
         model = load_model(path, device)
-        if backend == "onnx" and on_cpu:
-            session = _onnx_session(_export_onnx(model, path), num_threads or 1)
+        if onnx_name is not None:
+            session = _onnx_session(_export_onnx(model, path, onnx_name), num_threads or 1)
             return cls(session=session)
         if backend == "onnx":
             logger.info("ONNX Runtime runs on the CPU here; using PyTorch on %s", device)
@@ -142,14 +143,12 @@ def _onnx_folders() -> list[Path]:
 
 
 def _onnx_name(checkpoint: Path) -> str:
+    """The export's file name, keyed by the checkpoint's SHA-256."""
     return f"model.{hashlib.sha256(checkpoint.read_bytes()).hexdigest()[:16]}.onnx"
 
 
-def _cached_onnx(checkpoint: Path) -> Path | None:
-    """The cached export of this exact checkpoint, if any (None when the checkpoint is missing)."""
-    if not checkpoint.is_file():
-        return None
-    name = _onnx_name(checkpoint)
+def _cached_onnx(name: str) -> Path | None:
+    """The cached export called `name` (see `_onnx_name`), if this user has one."""
     for folder in _onnx_folders():
         candidate = folder / name
         # Only this user's exports: the temp-folder fallback is shared with other users.
@@ -158,8 +157,8 @@ def _cached_onnx(checkpoint: Path) -> Path | None:
     return None
 
 
-def _export_onnx(model: Net, checkpoint: Path) -> Path:
-    """Path of the ONNX export of `model`, keyed by the checkpoint's SHA-256, written atomically.
+def _export_onnx(model: Net, checkpoint: Path, name: str) -> Path:
+    """Write the ONNX export of `model` (loaded from `checkpoint`) as `name`, atomically.
 
     In the user's cache (`paths.cache_dir()/onnx`), else the system temp folder; never beside
     the checkpoint, which may be an MLflow run's artifact folder or a verified pull.
@@ -167,10 +166,6 @@ def _export_onnx(model: Net, checkpoint: Path) -> Path:
     """
     import torch
 
-    cached = _cached_onnx(checkpoint)
-    if cached is not None:
-        return cached
-    name = _onnx_name(checkpoint)
     for folder in _onnx_folders():
         try:
             folder.mkdir(parents=True, exist_ok=True)
