@@ -137,7 +137,7 @@ async def answer_predict(request: Request, probabilities: bool) -> OrjsonRespons
         except InvalidImage as exc:
             label = f"{FIELD} #{index + 1} ({(part.filename or '')[:100]!r})"
             raise RequestError(status_for(exc), f"{label}: {exc}") from exc
-    predictions = await service.batcher.predict(np.stack(inputs).astype(np.float32))
+    predictions = await service.batcher.predict(np.stack(inputs))  # float32 already
     metrics.METRICS.images += len(predictions)
     data: list[dict[str, Any]] = []
     for part, pred in zip(files, predictions, strict=True):
