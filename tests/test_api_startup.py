@@ -53,8 +53,8 @@ def test_the_golden_self_test_passes_for_the_run_it_came_from(trained_model: Tra
     report = run_self_test(
         Classifier.from_checkpoint(trained_model.model_path), trained_model.model_path
     )
-    assert report["golden_checked"] == 20
-    assert report["warmed_up"] is True
+    assert report.golden_checked == 20
+    assert report.warmed_up is True
 
 
 def test_a_golden_mismatch_names_the_disagreeing_image(

@@ -16,19 +16,6 @@ from typing import Any, BinaryIO
 import pytest
 
 from digitflow.artifact_sources import RemoteFile, TransientError
-from digitflow.artifacts import (
-    MANIFEST_NAME,
-    RETRY_BACKOFF,
-    StoreConfig,
-    _sync_run,
-    list_experiments,
-    list_run_artifacts,
-    list_runs,
-    parse_reference,
-    pull_run_artifacts,
-    resolve_model,
-    verify_pulled_run,
-)
 from digitflow.errors import (
     ArtifactIntegrityError,
     ArtifactNotFound,
@@ -42,9 +29,19 @@ from digitflow.errors import (
     TrackingAuthError,
     TrackingUnavailable,
 )
-from digitflow.tracking import embedded_target
-from digitflow.train_config import load_train_config
-from digitflow.trainer import run_training
+from digitflow.model_refs import ModelReference, parse_reference, resolve_model
+from digitflow.pull import (
+    RETRY_BACKOFF,
+    _sync_run,
+    list_run_artifacts,
+    pull_run_artifacts,
+    verify_pulled_run,
+)
+from digitflow.run_layout import MANIFEST_NAME, is_run_id
+from digitflow.settings import CoreSettings, StoreConfig
+from digitflow.tracking import embedded_target, list_experiments, list_runs
+from digitflow.training_config import load_train_config
+from digitflow.training_run import run_training
 from tests.support.artifact_stores import (
     ADMIN,
     ADMIN_PASSWORD,
@@ -102,19 +99,21 @@ def tree(root: Path) -> dict[str, bytes]:
 # --- pure functions --------------------------------------------------------------------------
 
 
-def test_store_config_reads_mlflow_and_aws_variables_and_prefers_the_mlflow_s3_endpoint() -> None:
-    store = StoreConfig.from_env(
-        {
-            "MLFLOW_TRACKING_URI": "http://mlflow:5000",
-            "MLFLOW_TRACKING_USERNAME": "ann",
-            "MLFLOW_TRACKING_PASSWORD": "pw",
-            "MLFLOW_S3_ENDPOINT_URL": "https://ecs.example",
-            "AWS_ENDPOINT_URL": "https://other.example",
-            "AWS_ACCESS_KEY_ID": "key",
-            "AWS_SECRET_ACCESS_KEY": "secret",
-            "AWS_DEFAULT_REGION": "eu-west-1",
-        }
-    )
+def test_store_config_reads_mlflow_and_aws_variables_and_prefers_the_mlflow_s3_endpoint(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    for name, value in {
+        "MLFLOW_TRACKING_URI": "http://mlflow:5000",
+        "MLFLOW_TRACKING_USERNAME": "ann",
+        "MLFLOW_TRACKING_PASSWORD": "pw",
+        "MLFLOW_S3_ENDPOINT_URL": "https://ecs.example",
+        "AWS_ENDPOINT_URL": "https://other.example",
+        "AWS_ACCESS_KEY_ID": "key",
+        "AWS_SECRET_ACCESS_KEY": "secret",
+        "AWS_DEFAULT_REGION": "eu-west-1",
+    }.items():
+        monkeypatch.setenv(name, value)
+    store = CoreSettings().store()
     assert store.s3_region == "eu-west-1"
     assert (store.tracking_uri, store.username, store.password) == (
         "http://mlflow:5000",
@@ -123,17 +122,28 @@ def test_store_config_reads_mlflow_and_aws_variables_and_prefers_the_mlflow_s3_e
     )
     assert store.s3_endpoint_url == "https://ecs.example"
     assert (store.aws_access_key_id, store.aws_secret_access_key) == ("key", "secret")
-    fallback = StoreConfig.from_env({"AWS_ENDPOINT_URL": "https://other.example", "X": ""})
+    for name in ("MLFLOW_TRACKING_URI", "MLFLOW_S3_ENDPOINT_URL"):
+        monkeypatch.setenv(name, "")
+    fallback = CoreSettings().store()
     assert fallback.s3_endpoint_url == "https://other.example" and fallback.tracking_uri is None
 
 
 def test_references_are_classified_as_run_registered_model_or_local_path() -> None:
     uuid = "0123456789abcdef0123456789abcdef"
-    assert parse_reference(uuid) == ("run", uuid, None)
-    assert parse_reference(f"runs:/{uuid}/model") == ("run", uuid, None)
-    assert parse_reference("models:/digits/3") == ("model", "digits", "3")
-    assert parse_reference("models:/digits@champion") == ("model", "digits", "@champion")
-    assert parse_reference("models/x/model.pt") == ("path", "models/x/model.pt", None)
+    assert parse_reference(uuid) == ModelReference("run", uuid)
+    assert parse_reference(f"runs:/{uuid}/model") == ModelReference("run", uuid)
+    assert parse_reference("models:/digits/3") == ModelReference("model", "digits", version="3")
+    assert parse_reference("models:/digits@champion") == ModelReference(
+        "model", "digits", alias="champion"
+    )
+    assert parse_reference("models/x/model.pt") == ModelReference("path", "models/x/model.pt")
+
+
+def test_a_run_id_with_a_trailing_newline_is_not_a_run_id() -> None:
+    uuid = "0123456789abcdef0123456789abcdef"
+    assert is_run_id(uuid)
+    assert not is_run_id(uuid + "\n")
+    assert not is_run_id(uuid.upper())
 
 
 # --- listing -----------------------------------------------------------------------------------
@@ -467,7 +477,7 @@ def test_transient_download_errors_are_retried_with_backoff(tmp_path: Path) -> N
 def test_a_file_that_keeps_arriving_short_fails_the_pull_and_leaves_nothing(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr("digitflow.artifacts.RETRY_BACKOFF", 0.01)
+    monkeypatch.setattr("digitflow.pull.RETRY_BACKOFF", 0.01)
     source = FlakySource(fake_files(), short=True)
     with pytest.raises(StorageUnavailable):
         _sync_run("c" * 32, source.list_files(), source, tmp_path, workers=2, progress=False)
@@ -477,7 +487,7 @@ def test_a_file_that_keeps_arriving_short_fails_the_pull_and_leaves_nothing(
 def test_a_size_mismatch_is_an_integrity_error(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr("digitflow.artifacts.RETRY_BACKOFF", 0.01)
+    monkeypatch.setattr("digitflow.pull.RETRY_BACKOFF", 0.01)
     source = FlakySource(fake_files())
     files = [RemoteFile(f.path, f.size + 1) for f in source.list_files()]
     with pytest.raises(ArtifactIntegrityError, match="bytes"):

@@ -36,7 +36,7 @@ T = TypeVar("T")
 
 def with_client(use: Callable[[httpx.AsyncClient], Awaitable[T]]) -> T:
     """Run `use` against the app in-process, inside its lifespan (model "loaded")."""
-    settings = Settings(MAX_UPLOAD_BYTES=10_000, LOGGER_CONFIG_PATH="/nonexistent")
+    settings = Settings(MAX_UPLOAD_BYTES=10_000)
     app = create_app(settings, classifier=_Broken(Net()))
 
     async def run() -> T:

@@ -20,11 +20,11 @@ import numpy as np
 import torch
 from typer.testing import CliRunner, Result
 
-from digitflow.artifacts import file_sha256, verify_pulled_run
 from digitflow.checkpoint import load_model
 from digitflow.cli import app
 from digitflow.cli_artifacts import Shell, export_lines
 from digitflow.preprocess import bytes_to_input
+from digitflow.pull import file_sha256, verify_pulled_run
 from tests.support.artifact_stores import (
     ADMIN,
     ADMIN_PASSWORD,

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import csv
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -61,15 +60,15 @@ def test_batched_and_one_by_one_give_the_same_answers(
 
 
 def test_the_onnx_export_is_cached_once_outside_the_run_folder(
-    trained_model: TrainedModel, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    trained_model: TrainedModel, tmp_path: Path
 ) -> None:
-    monkeypatch.setenv("DIGITFLOW_CACHE_DIR", str(tmp_path / "cache"))
-    Classifier.from_checkpoint(trained_model.model_path, backend="onnx")
+    cache = tmp_path / "cache"
+    Classifier.from_checkpoint(trained_model.model_path, backend="onnx", cache_dir=cache)
     exports = list((tmp_path / "cache" / "onnx").glob("*.onnx"))
     assert len(exports) == 1
     assert not list(trained_model.model_path.parent.glob("*.onnx"))
     mtime = exports[0].stat().st_mtime_ns
-    Classifier.from_checkpoint(trained_model.model_path, backend="onnx")
+    Classifier.from_checkpoint(trained_model.model_path, backend="onnx", cache_dir=cache)
     assert exports[0].stat().st_mtime_ns == mtime
 
 
@@ -83,15 +82,14 @@ def test_a_cached_onnx_export_is_served_without_importing_torch(
 ) -> None:
     # torch costs ~250 MB per server worker; with the export cached a worker never loads it.
     code = (
-        "import sys; from pathlib import Path; from digitflow.inference import Classifier; "
-        "c = Classifier.from_checkpoint(Path(sys.argv[1]), backend='onnx'); "
-        "c.warm_up(); print(c.backend, 'torch' in sys.modules)"
+        "import sys; from pathlib import Path; from digitflow.selftest import "
+        "load_checked_classifier as load; "
+        "c, _ = load(Path(sys.argv[1]), backend='onnx', cache_dir=Path(sys.argv[2])); "
+        "print(c.backend, 'torch' in sys.modules)"
     )
-    env = {**os.environ, "DIGITFLOW_CACHE_DIR": str(tmp_path / "cache")}
     runs = [
         subprocess.run(
-            [sys.executable, "-c", code, str(trained_model.model_path)],
-            env=env,
+            [sys.executable, "-c", code, str(trained_model.model_path), str(tmp_path / "cache")],
             capture_output=True,
             text=True,
             check=True,

@@ -9,9 +9,7 @@ returns the network in `eval()` mode.
 from __future__ import annotations
 
 import logging
-import os
 import pickle
-import tempfile
 import zipfile
 from collections.abc import Mapping
 from pathlib import Path
@@ -20,6 +18,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from digitflow.atomic import write_atomically
 from digitflow.errors import InvalidCheckpoint, ModelNotFound
 from digitflow.model import Net
 
@@ -43,14 +42,7 @@ def save_checkpoint(
         "train_loss": train_loss,
         "test_loss": test_loss,
     }
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        torch.save(payload, tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    write_atomically(path, lambda out: torch.save(payload, out))
 
 
 def read_state_dict(path: Path, device: torch.device | str = "cpu") -> dict[str, torch.Tensor]:

@@ -11,9 +11,10 @@ from digitflow import cli_artifacts, cli_serving, paths
 from digitflow.cli_common import handle_errors
 from digitflow.data import prepare_data
 from digitflow.logging_setup import configure_cli_logging
+from digitflow.settings import read_core_settings
 from digitflow.tracking import connect
-from digitflow.train_config import load_train_config
-from digitflow.trainer import run_training
+from digitflow.training_config import load_train_config
+from digitflow.training_run import run_training
 
 app = typer.Typer(
     name="digitflow",
@@ -30,15 +31,13 @@ TrackingUri = Annotated[
     str | None,
     typer.Option(
         "--tracking-uri",
-        envvar="MLFLOW_TRACKING_URI",
-        help="MLflow tracking server; unset: the embedded store in mlruns/.",
+        help="MLflow tracking server (default: MLFLOW_TRACKING_URI); unset: the embedded mlruns/.",
+        show_default=False,
     ),
 ]
 MlrunsDir = Annotated[
     Path, typer.Option("--mlruns-dir", help="Embedded MLflow store (used without a tracking URI).")
 ]
-Username = Annotated[str | None, typer.Option(envvar="MLFLOW_TRACKING_USERNAME", hidden=True)]
-Password = Annotated[str | None, typer.Option(envvar="MLFLOW_TRACKING_PASSWORD", hidden=True)]
 
 
 @app.command("prepare-data")
@@ -71,23 +70,27 @@ def train_command(
     tracking_uri: TrackingUri = None,
     mlruns_dir: MlrunsDir = paths.DEFAULT_MLRUNS_DIR,
     use_cuda: Annotated[
-        bool, typer.Option("--use-cuda", envvar="USE_CUDA", help="Train on CUDA if present.")
+        bool, typer.Option("--use-cuda", help="Train on CUDA if present (or USE_CUDA=true).")
     ] = False,
     use_mps: Annotated[
-        bool, typer.Option("--use-mps", envvar="USE_MPS", help="Train on Apple MPS if present.")
+        bool, typer.Option("--use-mps", help="Train on Apple MPS if present (or USE_MPS=true).")
     ] = False,
-    username: Username = None,
-    password: Password = None,
 ) -> None:
     """Train the CNN and log params, per-epoch metrics, model/model.pt and the config to MLflow."""
     configure_cli_logging()
+    settings = read_core_settings()
     extra = list(overrides or [])
-    if use_cuda:
+    if use_cuda or settings.USE_CUDA:
         extra.append("device=cuda")
-    elif use_mps:
+    elif use_mps or settings.USE_MPS:
         extra.append("device=mps")
     train_config = load_train_config(config, extra)
-    target = connect(tracking_uri, mlruns_dir, username, password)
+    target = connect(
+        tracking_uri or settings.MLFLOW_TRACKING_URI,
+        mlruns_dir,
+        settings.MLFLOW_TRACKING_USERNAME,
+        settings.MLFLOW_TRACKING_PASSWORD,
+    )
     result = run_training(train_config, data_dir, target)
     typer.echo(
         f"test accuracy {result.test_accuracy:.4f}, test loss {result.test_loss:.4f}, "

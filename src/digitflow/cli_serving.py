@@ -14,8 +14,15 @@ from digitflow import paths
 from digitflow.cli_common import handle_errors
 from digitflow.default_model import ensure_default_model
 from digitflow.logging_setup import configure_cli_logging
+from digitflow.model_refs import ServedModel, resolve_served_model
+from digitflow.selftest import SelfTestReport, load_checked_classifier
+from digitflow.settings import CoreSettings, read_core_settings
 
 logger = logging.getLogger(__name__)
+
+
+GUNICORN_CONFIG = "python:digitflow_fastapi.gunicorn_conf"
+APP_IMPORT_STRING = "digitflow_fastapi.main:APP"
 
 
 def default_workers() -> int:
@@ -23,50 +30,80 @@ def default_workers() -> int:
     return max(1, os.cpu_count() or 1)
 
 
+def gunicorn_argv(host: str, port: int, workers: int) -> list[str]:
+    """The gunicorn command `digitflow serve` runs: the package's config, uvicorn workers."""
+    return [
+        str(Path(sys.executable).parent / "gunicorn"),
+        APP_IMPORT_STRING,
+        "-c",
+        GUNICORN_CONFIG,
+        "-b",
+        f"{host}:{port}",
+        "-w",
+        str(workers),
+        "-k",
+        "uvicorn_worker.UvicornWorker",
+    ]
+
+
+def choose_served_model(
+    settings: CoreSettings, data_dir: Path, mlruns_dir: Path
+) -> tuple[ServedModel, SelfTestReport]:
+    """The configured model (or the default one, trained on first use), loaded and self-tested
+    here once so a bad checkpoint or a golden mismatch fails loudly, non-zero, before serving."""
+    model_path, model_uuid = settings.PRED_MODEL_PATH, settings.PRED_MODEL_UUID or None
+    if not settings.model_configured:
+        default = ensure_default_model(paths.DEFAULT_TRAIN_CONFIG, data_dir, mlruns_dir)
+        model_path, model_uuid = default.model_path, model_uuid or default.run_id
+    served = resolve_served_model(
+        model_path,
+        settings.PRED_MODEL_URI,
+        model_uuid,
+        settings.PRED_MODELS_DIR,
+        settings.store(mlruns_dir),
+    )
+    _, report = load_checked_classifier(
+        served.model_path,
+        backend=settings.INFERENCE_BACKEND,
+        use_cuda=settings.USE_CUDA,
+        use_mps=settings.USE_MPS,
+        cache_dir=settings.cache_dir(),
+    )
+    return served, report
+
+
 @handle_errors
 def serve_command(
     host: Annotated[str, typer.Option("--host")] = "0.0.0.0",
-    port: Annotated[int, typer.Option("--port")] = 8080,
+    port: Annotated[
+        int | None, typer.Option("--port", min=1, max=65535, help="Default: PORT, else 8080.")
+    ] = None,
     workers: Annotated[
-        int, typer.Option("--workers", min=0, help="Worker processes (0: one per core)")
+        int,
+        typer.Option(
+            "--workers", min=0, help="Worker processes (0: WEB_CONCURRENCY, else one per core)"
+        ),
     ] = 0,
     data_dir: Annotated[Path, typer.Option("--data-dir")] = paths.DEFAULT_DATA_DIR,
     mlruns_dir: Annotated[Path, typer.Option("--mlruns-dir")] = paths.DEFAULT_MLRUNS_DIR,
 ) -> None:
     """Serve the REST API with gunicorn + uvicorn workers (the default model if none is set)."""
     configure_cli_logging()
-    from digitflow_fastapi.app import load_classifier
-    from digitflow_fastapi.config import Settings
-
+    settings = read_core_settings()
+    served, report = choose_served_model(settings, data_dir, mlruns_dir)
+    n_workers = workers or settings.WEB_CONCURRENCY or default_workers()
+    port = port or settings.PORT
     env = dict(os.environ)
-    if not env.get("PRED_MODEL_PATH") and not env.get("PRED_MODEL_URI"):
-        model = ensure_default_model(paths.DEFAULT_TRAIN_CONFIG, data_dir, mlruns_dir)
-        env["PRED_MODEL_PATH"] = str(model.model_path)
-        env.setdefault("PRED_MODEL_UUID", model.run_id)
-    settings = Settings(**{k: v for k, v in env.items() if k in Settings.model_fields})  # type: ignore[arg-type]
-    # Load and self-test once here so a bad checkpoint or golden mismatch fails loudly, non-zero.
-    _, model_uuid, report = load_classifier(settings)
-    if settings.PRED_MODEL_URI and not settings.PRED_MODEL_PATH:
-        env["PRED_MODEL_UUID"] = env.get("PRED_MODEL_UUID") or model_uuid
-    n_workers = workers or default_workers()
-    env["WEB_CONCURRENCY"] = str(n_workers)
-    typer.echo(
-        f"serving model {model_uuid or '(no uuid)'} on http://{host}:{port} with {n_workers} "
-        f"workers ({report['golden_checked']} golden images reproduced)"
+    env.update(
+        PRED_MODEL_PATH=str(served.model_path),
+        PRED_MODEL_UUID=served.model_uuid,
+        WEB_CONCURRENCY=str(n_workers),
     )
-    gunicorn = Path(sys.executable).parent / "gunicorn"
-    argv = [
-        str(gunicorn),
-        "digitflow_fastapi.main:APP",
-        "-c",
-        str(paths.PACKAGE_DIR.parent / "gunicorn.conf.py"),
-        "-b",
-        f"{host}:{port}",
-        "-w",
-        str(n_workers),
-        "-k",
-        "uvicorn_worker.UvicornWorker",
-    ]
+    typer.echo(
+        f"serving model {served.model_uuid or '(no uuid)'} on http://{host}:{port} with "
+        f"{n_workers} workers ({report.golden_checked} golden images reproduced)"
+    )
+    argv = gunicorn_argv(host, port, n_workers)
     sys.stdout.flush()
     os.execve(argv[0], argv, env)
 
@@ -82,11 +119,11 @@ def predict_command(
     ] = None,
     progress: Annotated[bool, typer.Option("--progress/--no-progress")] = True,
     backend: Annotated[
-        str,
+        str | None,
         typer.Option(
-            "--backend", envvar="INFERENCE_BACKEND", help="Inference engine: onnx or torch"
+            "--backend", help="Inference engine: onnx or torch (default: INFERENCE_BACKEND)"
         ),
-    ] = "onnx",
+    ] = None,
     data_dir: Annotated[Path, typer.Option("--data-dir")] = paths.DEFAULT_DATA_DIR,
     mlruns_dir: Annotated[Path, typer.Option("--mlruns-dir")] = paths.DEFAULT_MLRUNS_DIR,
 ) -> None:
@@ -95,15 +132,15 @@ def predict_command(
     from digitflow.batch_predict import predict_files
     from digitflow.inference import Classifier
 
+    settings = read_core_settings()
+    model_path = model_path or settings.PRED_MODEL_PATH
     if model_path is None:
-        env_path = os.environ.get("PRED_MODEL_PATH")
-        if env_path:
-            model_path = Path(env_path)
-        else:
-            model_path = ensure_default_model(
-                paths.DEFAULT_TRAIN_CONFIG, data_dir, mlruns_dir
-            ).model_path
-    classifier = Classifier.from_checkpoint(model_path, backend=backend)
+        model_path = ensure_default_model(
+            paths.DEFAULT_TRAIN_CONFIG, data_dir, mlruns_dir
+        ).model_path
+    classifier = Classifier.from_checkpoint(
+        model_path, backend=backend or settings.INFERENCE_BACKEND, cache_dir=settings.cache_dir()
+    )
     if output is None:
         failures = predict_files(classifier, inputs, sys.stdout, progress=progress)
     else:

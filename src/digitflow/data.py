@@ -21,6 +21,7 @@ import torch
 from PIL import Image
 from tqdm import tqdm
 
+from digitflow.atomic import replace_folder
 from digitflow.errors import DataNotFound
 from digitflow.preprocess import bytes_to_input
 
@@ -93,14 +94,7 @@ def prepare_data(
                     writer = csv.writer(handle, lineterminator="\n")
                     writer.writerow(CSV_HEADER)
                     writer.writerows(rows)
-        if data_dir.exists():
-            old = data_dir.with_name(f".{data_dir.name}.old")
-            shutil.rmtree(old, ignore_errors=True)
-            data_dir.rename(old)
-            staging.rename(data_dir)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            staging.rename(data_dir)
+        replace_folder(staging, data_dir)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     logger.info("prepared MNIST", extra={"train": len(train_idx), "test": len(test_idx)})

@@ -10,9 +10,10 @@ from urllib.parse import unquote, urlparse
 
 from digitflow.data import prepare_data
 from digitflow.errors import ArtifactNotFound
+from digitflow.run_layout import MODEL_ARTIFACT
 from digitflow.tracking import embedded_target
-from digitflow.train_config import load_train_config
-from digitflow.trainer import MODEL_ARTIFACT, config_digest, find_latest_run, run_training
+from digitflow.training_config import load_train_config
+from digitflow.training_run import config_digest, find_latest_run, run_training
 
 logger = logging.getLogger(__name__)
 

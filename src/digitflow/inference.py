@@ -7,11 +7,7 @@ batch prediction and the benchmarks all go through this class.
 
 from __future__ import annotations
 
-import hashlib
 import logging
-import os
-import tempfile
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -19,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import numpy.typing as npt
 
-from digitflow import paths
+from digitflow import onnx_export
 from digitflow.errors import ConfigError
 
 if TYPE_CHECKING:  # torch is imported only when a model has to be built or exported
@@ -66,22 +62,26 @@ class Classifier:
         device: torch.device | None = None,
         backend: str = "torch",
         num_threads: int | None = None,
+        cache_dir: Path | None = None,
     ) -> Classifier:
         """Load the checkpoint at `path` safely (see `checkpoint.load_model`).
 
-        `backend` names the engine (`torch` or `onnx`); `num_threads` caps intra-op threads.
-        With `onnx` on the CPU and an export of this exact checkpoint (by SHA-256) in the cache,
-        torch is never imported: each server worker saves ~250 MB of memory.
+        `backend` names the engine (`torch` or `onnx`); `num_threads` caps intra-op threads;
+        `cache_dir` is where ONNX exports are kept (see `onnx_export`). With `onnx` on the CPU
+        and an export of this exact checkpoint (by SHA-256) in the cache, torch is never
+        imported: each server worker saves ~250 MB of memory.
         """
         if backend not in BACKENDS:
             raise ConfigError(f"unknown inference backend {backend!r}; known: torch, onnx")
         path = Path(path)
         on_cpu = device is None or device.type == "cpu"
-        onnx_name = _onnx_name(path) if backend == "onnx" and on_cpu and path.is_file() else None
-        if onnx_name is not None:
-            cached = _cached_onnx(onnx_name)
-            if cached is not None:
-                return cls(session=_onnx_session(cached, num_threads or 1))
+        use_onnx = backend == "onnx" and on_cpu and path.is_file()
+        name = onnx_export.export_name(path) if use_onnx else ""
+        folder = onnx_export.private_folder(cache_dir) if use_onnx else None
+        if use_onnx:
+            session = onnx_export.cached_session(folder, name, num_threads or 1)
+            if session is not None:
+                return cls(session=session)
         import torch
 
         from digitflow.checkpoint import load_model
@@ -90,9 +90,9 @@ class Classifier:
             torch.set_num_threads(num_threads)
         device = device or torch.device("cpu")
         model = load_model(path, device)
-        if onnx_name is not None:
-            session = _onnx_session(_export_onnx(model, path, onnx_name), num_threads or 1)
-            return cls(session=session)
+        if use_onnx:
+            exported = onnx_export.export_model(model, folder, name)
+            return cls(session=onnx_export.onnx_session(exported, num_threads or 1))
         if backend == "onnx":
             logger.info("ONNX Runtime runs on the CPU here; using PyTorch on %s", device)
         return cls(model, device)
@@ -124,70 +124,3 @@ class Classifier:
         """Run a few blank batches so the first request does not pay for allocation."""
         for size in batch_sizes:
             self.log_probabilities(np.zeros((size, 28, 28), dtype=np.float32))
-
-
-def _onnx_session(onnx_path: Path, num_threads: int) -> Any:
-    """An ONNX Runtime CPU session with `num_threads` intra-op threads, run sequentially."""
-    import onnxruntime as ort
-
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = num_threads
-    options.inter_op_num_threads = 1
-    options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    return ort.InferenceSession(str(onnx_path), options, providers=["CPUExecutionProvider"])
-
-
-def _onnx_folders() -> list[Path]:
-    return [paths.cache_dir() / "onnx", Path(tempfile.gettempdir()) / "digitflow-onnx"]
-
-
-def _onnx_name(checkpoint: Path) -> str:
-    """The export's file name, keyed by the checkpoint's SHA-256."""
-    return f"model.{hashlib.sha256(checkpoint.read_bytes()).hexdigest()[:16]}.onnx"
-
-
-def _cached_onnx(name: str) -> Path | None:
-    """The cached export called `name` (see `_onnx_name`), if this user has one."""
-    for folder in _onnx_folders():
-        candidate = folder / name
-        # Only this user's exports: the temp-folder fallback is shared with other users.
-        if candidate.is_file() and candidate.stat().st_uid == os.getuid():
-            return candidate
-    return None
-
-
-def _export_onnx(model: Net, checkpoint: Path, name: str) -> Path:
-    """Write the ONNX export of `model` (loaded from `checkpoint`) as `name`, atomically.
-
-    In the user's cache (`paths.cache_dir()/onnx`), else the system temp folder; never beside
-    the checkpoint, which may be an MLflow run's artifact folder or a verified pull.
-    Uses the TorchScript exporter (`dynamo=False`): the dynamo one needs onnxscript.
-    """
-    import torch
-
-    for folder in _onnx_folders():
-        try:
-            folder.mkdir(parents=True, exist_ok=True)
-            fd, tmp = tempfile.mkstemp(prefix=f".{name}.", suffix=".tmp", dir=folder)
-        except OSError:
-            continue
-        os.close(fd)
-        try:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")
-                torch.onnx.export(
-                    model.cpu(),
-                    (torch.zeros(1, 1, 28, 28),),
-                    tmp,
-                    dynamo=False,
-                    input_names=["images"],
-                    output_names=["log_probabilities"],
-                    dynamic_axes={"images": {0: "n"}, "log_probabilities": {0: "n"}},
-                )
-            os.replace(tmp, folder / name)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
-        return folder / name
-    raise ConfigError(f"cannot write the ONNX export of {checkpoint} anywhere")

@@ -2,58 +2,80 @@
 
 from __future__ import annotations
 
-import base64
-import json
 import logging
+import os
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 
 from digitflow.errors import SelfTestFailed
+from digitflow.golden import read_golden
 from digitflow.inference import Classifier
 from digitflow.preprocess import bytes_to_input
+from digitflow.run_layout import golden_path
 
 logger = logging.getLogger(__name__)
 
-GOLDEN_FILENAME = "golden.json"
+
+@dataclass(frozen=True)
+class SelfTestReport:
+    """What the start-up check did: warm-up, and how many golden answers were reproduced."""
+
+    golden_checked: int
+    golden_file: Path | None
+    warmed_up: bool = True
 
 
-def load_golden(model_path: Path) -> list[dict[str, Any]] | None:
-    """The golden images beside `model_path`, or None when there is no golden.json."""
-    golden_path = model_path.parent / GOLDEN_FILENAME
-    if not golden_path.is_file():
-        return None
-    try:
-        payload = json.loads(golden_path.read_text(encoding="utf-8"))
-        images = payload["images"]
-        if not isinstance(images, list):
-            raise TypeError("images is not a list")
-        return images
-    except (ValueError, KeyError, TypeError) as exc:
-        raise SelfTestFailed(f"{golden_path}: unreadable golden file ({exc})") from exc
-
-
-def run_self_test(classifier: Classifier, model_path: Path) -> dict[str, Any]:
-    """Warm up, then check every golden answer; returns what was checked, raises SelfTestFailed."""
+def run_self_test(classifier: Classifier, model_path: Path) -> SelfTestReport:
+    """Warm up, then check every golden answer; raises SelfTestFailed naming the disagreements."""
     classifier.warm_up()
-    golden = load_golden(model_path)
+    path = golden_path(model_path)
+    golden = read_golden(path)
     if golden is None:
-        return {"warmed_up": True, "golden_checked": 0, "golden_file": None}
-    batch = np.stack([bytes_to_input(base64.b64decode(item["png_base64"])) for item in golden])
-    predictions = classifier.predict(batch.astype(np.float32))
+        return SelfTestReport(golden_checked=0, golden_file=None)
+    batch = np.stack([bytes_to_input(item.png) for item in golden])
+    predictions = classifier.predict(batch)
     wrong = [
-        f"{item.get('filepath', i)} expected {item['prediction']} got {pred.label}"
-        for i, (item, pred) in enumerate(zip(golden, predictions, strict=True))
-        if str(pred.label) != str(item["prediction"])
+        f"{item.filepath} expected {item.prediction} got {pred.label}"
+        for item, pred in zip(golden, predictions, strict=True)
+        if str(pred.label) != item.prediction
     ]
     if wrong:
         raise SelfTestFailed(
             f"golden self-test failed for {model_path}: {len(wrong)}/{len(golden)} images "
             f"disagree: " + "; ".join(wrong[:10])
         )
-    return {
-        "warmed_up": True,
-        "golden_checked": len(golden),
-        "golden_file": str(model_path.parent / GOLDEN_FILENAME),
-    }
+    return SelfTestReport(golden_checked=len(golden), golden_file=path)
+
+
+def worker_threads(explicit: int, workers: int, cores: int | None = None) -> int:
+    """Intra-op threads per worker: `explicit` if > 0, else cores // workers (at least 1)."""
+    if explicit > 0:
+        return explicit
+    return max(1, (cores or os.cpu_count() or 1) // max(1, workers))
+
+
+def load_checked_classifier(
+    model_path: Path,
+    backend: str = "onnx",
+    use_cuda: bool = False,
+    use_mps: bool = False,
+    num_threads: int = 1,
+    cache_dir: Path | None = None,
+) -> tuple[Classifier, SelfTestReport]:
+    """Load the checkpoint, warm it up and prove it reproduces its golden answers.
+
+    Raises a `DigitflowError` with one clear message (missing, corrupt or unsafe checkpoint) or
+    `SelfTestFailed` (the loaded model disagrees with its run). Only a GPU request imports torch
+    here; the ONNX path with a cached export never does.
+    """
+    device = None
+    if use_cuda or use_mps:
+        from digitflow.device import select_device
+
+        device = select_device(use_cuda, use_mps)
+    classifier = Classifier.from_checkpoint(
+        model_path, device=device, backend=backend, num_threads=num_threads, cache_dir=cache_dir
+    )
+    return classifier, run_self_test(classifier, model_path)

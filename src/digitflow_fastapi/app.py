@@ -1,4 +1,9 @@
-"""The FastAPI application factory: model loaded once per worker in the lifespan."""
+"""The FastAPI application factory: the model is loaded once per worker, in the lifespan.
+
+Which model is decided once (`digitflow.model_refs.resolve_served_model`): under gunicorn the
+master decides before forking and pins every worker to the same file (see `gunicorn_conf`);
+under plain uvicorn the single process decides itself.
+"""
 
 from __future__ import annotations
 
@@ -6,19 +11,18 @@ import asyncio
 import contextlib
 import gc
 import logging
-import os
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
-from pathlib import Path
-from typing import Any
+from collections.abc import AsyncIterator, Callable
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
 
 from fastapi import FastAPI
 
-from digitflow.errors import ConfigError, DigitflowError, SelfTestFailed
+from digitflow.errors import DigitflowError, SelfTestFailed
 from digitflow.inference import Classifier
 from digitflow.logging_setup import configure_logging_from_file
 from digitflow.microbatch import MicroBatcher
-from digitflow.selftest import run_self_test
+from digitflow.model_refs import ServedModel, resolve_served_model
+from digitflow.selftest import SelfTestReport, load_checked_classifier, worker_threads
+from digitflow.settings import read_core_settings
 from digitflow_fastapi import metrics
 from digitflow_fastapi.asgi import LeanFastAPI
 from digitflow_fastapi.config import Settings, get_settings
@@ -26,134 +30,125 @@ from digitflow_fastapi.deps import ModelService
 from digitflow_fastapi.docs import install_docs
 from digitflow_fastapi.errors import install_error_handlers
 from digitflow_fastapi.health import router as health_router
+from digitflow_fastapi.readiness import NOT_LOADED, Readiness
 from digitflow_fastapi.responses import OrjsonResponse
 from digitflow_fastapi.v1.routers.model import predict_lean
 from digitflow_fastapi.v1.routers.model import router as model_router
 
 logger = logging.getLogger(__name__)
 
-
-def resolve_model_path(settings: Settings) -> tuple[Path, str]:
-    """The checkpoint to load and the model UUID to report."""
-    if settings.PRED_MODEL_PATH:
-        return Path(settings.PRED_MODEL_PATH), settings.PRED_MODEL_UUID
-    if settings.PRED_MODEL_URI:
-        try:
-            from digitflow.artifacts import StoreConfig, resolve_model
-        except ImportError as exc:  # pragma: no cover - depends on the artifacts issue
-            raise ConfigError("PRED_MODEL_URI needs digitflow.artifacts, not installed") from exc
-        resolved = resolve_model(
-            settings.PRED_MODEL_URI,
-            Path(settings.PRED_MODELS_DIR),
-            StoreConfig.from_env(os.environ),
-        )
-        return resolved.model_path, settings.PRED_MODEL_UUID or (resolved.run_id or "")
-    raise ConfigError("set PRED_MODEL_PATH (or PRED_MODEL_URI) to the model to serve")
+Lifespan = Callable[[FastAPI], AbstractAsyncContextManager[None]]
 
 
-def torch_threads(settings: Settings) -> int:
-    """TORCH_THREADS, or cores // workers when it is 0."""
-    if settings.TORCH_THREADS > 0:
-        return settings.TORCH_THREADS
-    workers = max(1, settings.WEB_CONCURRENCY)
-    return max(1, (os.cpu_count() or 1) // workers)
-
-
-def load_classifier(settings: Settings) -> tuple[Classifier, str, dict[str, Any]]:
-    """Load, warm up and self-test the model; raises DigitflowError with one clear message."""
-    model_path, model_uuid = resolve_model_path(settings)
-    device = None  # the CPU; only a GPU request needs torch here (the ONNX path may never)
-    if settings.USE_CUDA or settings.USE_MPS:
-        from digitflow.device import select_device
-
-        device = select_device(settings.USE_CUDA, settings.USE_MPS)
-    classifier = Classifier.from_checkpoint(
-        model_path,
-        device=device,
-        backend=settings.INFERENCE_BACKEND,
-        num_threads=torch_threads(settings),
+def served_model(settings: Settings) -> ServedModel:
+    """The model this process serves, from PRED_MODEL_PATH or PRED_MODEL_URI."""
+    return resolve_served_model(
+        settings.PRED_MODEL_PATH,
+        settings.PRED_MODEL_URI,
+        settings.PRED_MODEL_UUID or None,
+        settings.PRED_MODELS_DIR,
+        read_core_settings().store(),
     )
-    report = run_self_test(classifier, model_path)
-    return classifier, model_uuid, report
 
 
-def create_app(settings: Settings | None = None, classifier: Classifier | None = None) -> FastAPI:
-    """Build the app; nothing is loaded until the lifespan starts."""
+def load_served_classifier(
+    settings: Settings, served: ServedModel
+) -> tuple[Classifier, SelfTestReport]:
+    """Load and self-test the served model with this worker's share of the cores."""
+    return load_checked_classifier(
+        served.model_path,
+        backend=settings.INFERENCE_BACKEND,
+        use_cuda=settings.USE_CUDA,
+        use_mps=settings.USE_MPS,
+        num_threads=worker_threads(settings.TORCH_THREADS, settings.WEB_CONCURRENCY),
+        cache_dir=read_core_settings().cache_dir(),
+    )
+
+
+def _load(settings: Settings, given: Classifier | None) -> tuple[Classifier, Readiness] | Readiness:
+    """The classifier and its readiness, or only a failed readiness (the worker stays up)."""
+    if given is not None:
+        given.warm_up()
+        report = SelfTestReport(golden_checked=0, golden_file=None)
+        return given, Readiness.serving(settings.PRED_MODEL_UUID, report)
+    try:
+        served = served_model(settings)
+        classifier, report = load_served_classifier(settings, served)
+    except SelfTestFailed as exc:
+        logger.error("not ready: %s", exc)
+        return Readiness.self_test_failed(settings.PRED_MODEL_UUID, str(exc))
+    except DigitflowError as exc:
+        logger.error("start-up failed: %s", exc)
+        raise SystemExit(f"start-up failed: {exc}") from None
+    return classifier, Readiness.serving(served.model_uuid, report)
+
+
+def _freeze_start_up_objects() -> None:
+    """Keep the collector off everything loaded so far: it lives as long as the worker, and full
+    collections walking it under load cost ~100 ms p99 spikes."""
+    gc.collect()
+    gc.freeze()
+
+
+def build_lifespan(settings: Settings | None, classifier: Classifier | None) -> Lifespan:
+    """The lifespan: load and check the model, run the micro-batcher, publish metrics."""
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         conf = settings or get_settings()
         app.state.settings = conf
-        config_path = Path(conf.LOGGER_CONFIG_PATH)
-        if config_path.is_file():
-            configure_logging_from_file(config_path)
-        model_uuid = conf.PRED_MODEL_UUID
-        try:
-            if classifier is None:
-                loaded, model_uuid, report = load_classifier(conf)
-            else:
-                loaded = classifier
-                loaded.warm_up()
-                report = {"warmed_up": True, "golden_checked": 0, "golden_file": None}
-        except SelfTestFailed as exc:
-            # The worker stays up, unready: probes see why, predict answers 503.
-            logger.error("not ready: %s", exc)
-            app.state.readiness = {
-                "ready": False,
-                "model_loaded": True,
-                "model_uuid": model_uuid,
-                "self_test": "failed",
-                "detail": str(exc),
-            }
+        configure_logging_from_file(conf.LOGGER_CONFIG_PATH)
+        loaded = _load(conf, classifier)
+        if isinstance(loaded, Readiness):
+            app.state.readiness = loaded
             yield
             return
-        except DigitflowError as exc:
-            logger.error("start-up failed: %s", exc)
-            raise SystemExit(f"start-up failed: {exc}") from exc
+        model, readiness = loaded
         batcher = MicroBatcher(
-            loaded,
+            model,
             conf.MAX_BATCH_SIZE,
             conf.MAX_BATCH_WAIT_MS,
             on_batch=metrics.METRICS.observe_batch,
         )
         await batcher.start()
-        app.state.service = ModelService(batcher=batcher, model_uuid=model_uuid)
-        app.state.readiness = {"ready": True, "model_loaded": True, "model_uuid": model_uuid}
-        app.state.readiness.update(report)
-        logger.info("model ready (%d golden images checked)", report["golden_checked"])
-        # Everything loaded so far lives as long as the worker: keep the collector off it, so
-        # a full collection under load walks only request garbage (it cost ~100 ms p99 spikes).
-        gc.collect()
-        gc.freeze()
-        folder = Path(conf.DIGITFLOW_METRICS_DIR) if conf.DIGITFLOW_METRICS_DIR else None
+        app.state.service = ModelService(batcher=batcher, model_uuid=readiness.model_uuid or "")
+        app.state.readiness = readiness
+        logger.info("model ready (%d golden images checked)", readiness.golden_checked or 0)
+        _freeze_start_up_objects()
+        folder = conf.DIGITFLOW_METRICS_DIR
         publisher = asyncio.create_task(metrics.publish_forever(folder)) if folder else None
         try:
             yield
         finally:
-            app.state.readiness = {"ready": False, "model_loaded": False}
+            app.state.readiness = NOT_LOADED
             await batcher.stop()
             if publisher is not None:
                 publisher.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
                     await publisher
 
-    conf_for_routes = settings or get_settings()
-    predict_path = f"{conf_for_routes.API_V1_STR}/model/predict"
+    return lifespan
+
+
+def create_app(settings: Settings | None = None, classifier: Classifier | None = None) -> FastAPI:
+    """Build the app; nothing is loaded until the lifespan starts."""
+    conf = settings or get_settings()
+    predict_path = f"{conf.API_V1_STR}/model/predict"
     app = LeanFastAPI(
         {predict_path: predict_lean},
-        max_body_bytes=conf_for_routes.MAX_UPLOAD_BYTES,
-        title=conf_for_routes.API_NAME,
+        max_body_bytes=conf.MAX_UPLOAD_BYTES,
+        title=conf.API_NAME,
         description="Recognises a handwritten digit (0–9) in an uploaded image.",
         default_response_class=OrjsonResponse,
-        lifespan=lifespan,
+        lifespan=build_lifespan(settings, classifier),
         docs_url=None,
         redoc_url=None,
     )
     app.state.service = None
-    app.state.settings = conf_for_routes
-    app.state.readiness = {"ready": False, "model_loaded": False}
+    app.state.settings = conf
+    app.state.readiness = NOT_LOADED
     install_error_handlers(app)
     install_docs(app)
     app.include_router(health_router)
-    app.include_router(model_router, prefix=conf_for_routes.API_V1_STR)
+    app.include_router(model_router, prefix=conf.API_V1_STR)
     return app

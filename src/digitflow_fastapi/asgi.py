@@ -18,7 +18,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 
 from digitflow_fastapi import metrics
-from digitflow_fastapi.errors import RequestError
+from digitflow_fastapi.errors import RequestError, error_response
 from digitflow_fastapi.responses import OrjsonResponse
 
 logger = logging.getLogger(__name__)
@@ -83,7 +83,7 @@ class LeanFastAPI(FastAPI):
         try:
             response = await endpoint(Request(scope, receive))
         except RequestError as exc:
-            response = OrjsonResponse({"detail": exc.detail}, status_code=exc.status_code)
+            response = error_response(exc)
         except Exception:
             logger.exception("unhandled error on %r", scope["path"][:200])
             response = OrjsonResponse({"detail": "internal server error"}, status_code=500)

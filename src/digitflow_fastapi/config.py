@@ -1,40 +1,59 @@
-"""Service settings (pydantic-settings), read once per process from the environment."""
+"""Service settings (pydantic-settings), read once per process from the environment.
+
+The seed's fields (`API_NAME`, `API_V1_STR`, `LOGGER_CONFIG_PATH`, `USE_CUDA`, `USE_MPS`,
+`PRED_MODEL_UUID`, `PRED_MODEL_PATH`) plus the service's limits and inference knobs. A bad value
+fails at start-up with one line naming the variable (`get_settings` raises `ConfigError`).
+"""
 
 from __future__ import annotations
 
 from functools import lru_cache
+from pathlib import Path
+from typing import Any
 
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic import NonNegativeFloat, PositiveInt, ValidationError, field_validator
 
 from digitflow import paths
+from digitflow.errors import ConfigError
+from digitflow.settings import ModelSettings, one_line
 
 
-class Settings(BaseSettings):
-    """The seed's settings plus the service's limits and inference knobs."""
+class Settings(ModelSettings):
+    """The seed's settings plus the service's limits and inference knobs.
 
-    model_config = SettingsConfigDict(case_sensitive=True, extra="ignore")
+    `USE_CUDA`, `USE_MPS`, `PRED_MODEL_UUID`, `PRED_MODEL_PATH` (and `PRED_MODEL_URI`,
+    `PRED_MODELS_DIR`, `INFERENCE_BACKEND`, `TORCH_THREADS`) come from `ModelSettings`, which the
+    CLI reads too.
+    """
 
     API_NAME: str = "digitflow_fastapi"
     API_V1_STR: str = "/api/v1"
-    LOGGER_CONFIG_PATH: str = str(paths.DEFAULT_LOGGING_CONFIG)
-    USE_CUDA: bool = False
-    USE_MPS: bool = False
-    PRED_MODEL_UUID: str = ""
-    PRED_MODEL_PATH: str = ""
-    PRED_MODEL_URI: str = ""
-    PRED_MODELS_DIR: str = str(paths.DEFAULT_MODELS_DIR)
-    MAX_UPLOAD_BYTES: int = 10 * 1024 * 1024
-    MAX_IMAGE_PIXELS: int = 20_000_000
-    MAX_FILES_PER_REQUEST: int = 64
-    INFERENCE_BACKEND: str = "onnx"
-    MAX_BATCH_SIZE: int = 64
-    MAX_BATCH_WAIT_MS: float = 0.0
-    TORCH_THREADS: int = 0
-    WEB_CONCURRENCY: int = 1
-    DIGITFLOW_METRICS_DIR: str = ""
+    LOGGER_CONFIG_PATH: Path = paths.DEFAULT_LOGGING_CONFIG
+    MAX_UPLOAD_BYTES: PositiveInt = 10 * 1024 * 1024
+    MAX_IMAGE_PIXELS: PositiveInt = 20_000_000
+    MAX_FILES_PER_REQUEST: PositiveInt = 64
+    MAX_BATCH_SIZE: PositiveInt = 64
+    MAX_BATCH_WAIT_MS: NonNegativeFloat = 0.0
+    WEB_CONCURRENCY: PositiveInt = 1
+    DIGITFLOW_METRICS_DIR: Path | None = None
+
+    @field_validator("DIGITFLOW_METRICS_DIR", mode="before")
+    @classmethod
+    def _empty_is_unset(cls, value: Any) -> Any:
+        return None if value == "" else value
+
+    @field_validator("LOGGER_CONFIG_PATH")
+    @classmethod
+    def _logging_config_exists(cls, value: Path) -> Path:
+        if not value.is_file():
+            raise ValueError(f"{value} is not a file")
+        return value
 
 
 @lru_cache(maxsize=1)
 def get_settings() -> Settings:
     """The process's settings, read from the environment on first call."""
-    return Settings()
+    try:
+        return Settings()
+    except ValidationError as exc:
+        raise ConfigError(one_line(exc)) from None

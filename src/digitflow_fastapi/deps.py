@@ -28,7 +28,7 @@ async def get_service(request: Request) -> ModelService:
     if service is None:
         from digitflow_fastapi.errors import RequestError
 
-        if request.app.state.readiness.get("self_test") == "failed":
+        if request.app.state.readiness.self_test == "failed":
             raise RequestError(503, "the model failed its golden self-test; see /ready")
         raise RequestError(503, "model is not loaded yet")
     return service

@@ -27,12 +27,17 @@ def status_for(error: InvalidImage) -> int:
     return 400
 
 
+def error_response(exc: RequestError) -> OrjsonResponse:
+    """The JSON answer for a client error: `{"detail": ...}` with its status (both routes)."""
+    return OrjsonResponse({"detail": exc.detail}, status_code=exc.status_code)
+
+
 def install_error_handlers(app: FastAPI) -> None:
     """Register the handlers that turn known errors into JSON 4xx answers."""
 
     async def on_request_error(request: Request, exc: Exception) -> OrjsonResponse:
         assert isinstance(exc, RequestError)
-        return OrjsonResponse({"detail": exc.detail}, status_code=exc.status_code)
+        return error_response(exc)
 
     async def on_validation_error(request: Request, exc: Exception) -> OrjsonResponse:
         assert isinstance(exc, RequestValidationError)

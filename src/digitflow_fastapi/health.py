@@ -2,12 +2,10 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-from typing import Any
-
 from fastapi import APIRouter, Request, Response
 
 from digitflow_fastapi import metrics
+from digitflow_fastapi.readiness import Readiness
 from digitflow_fastapi.responses import OrjsonResponse
 
 router = APIRouter(tags=["health"])
@@ -26,14 +24,12 @@ async def health() -> OrjsonResponse:
 )
 async def ready(request: Request) -> OrjsonResponse:
     """200 once the model is loaded, warmed up and reproduced its golden answers; else 503."""
-    state: dict[str, Any] = request.app.state.readiness
-    return OrjsonResponse(state, status_code=200 if state.get("ready") else 503)
+    state: Readiness = request.app.state.readiness
+    return OrjsonResponse(state.as_dict(), status_code=200 if state.ready else 503)
 
 
 @router.get("/metrics", summary="Prometheus metrics (all workers)")
 async def prometheus_metrics(request: Request) -> Response:
     """Request counts by status, images, latency and batch-size histograms, in Prometheus text."""
-    setting = request.app.state.settings.DIGITFLOW_METRICS_DIR
-    return Response(
-        metrics.render(Path(setting) if setting else None), media_type=metrics.CONTENT_TYPE
-    )
+    folder = request.app.state.settings.DIGITFLOW_METRICS_DIR
+    return Response(metrics.render(folder), media_type=metrics.CONTENT_TYPE)

@@ -14,11 +14,12 @@ import asyncio
 import contextlib
 import json
 import os
-import tempfile
 from bisect import bisect_left
 from collections import Counter
 from pathlib import Path
 from typing import Any
+
+from digitflow.atomic import write_text_atomically
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 LATENCY_BUCKETS = (0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0)
@@ -71,15 +72,8 @@ def _snapshot_path(folder: Path) -> Path:
 
 
 def write_snapshot(folder: Path, own: WorkerMetrics = METRICS) -> None:
-    """Replace this worker's snapshot file atomically."""
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".snapshot-", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as out:
-            json.dump(own.snapshot(), out)
-        os.replace(tmp, _snapshot_path(folder))
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    """Replace this worker's snapshot file atomically (no fsync: it is rewritten every second)."""
+    write_text_atomically(_snapshot_path(folder), json.dumps(own.snapshot()), durable=False)
 
 
 async def publish_forever(folder: Path, every_s: float = 1.0) -> None:

@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import base64
 import hashlib
-import json
 import logging
 import random
 import tempfile
@@ -19,17 +17,16 @@ import torch
 from digitflow.checkpoint import save_checkpoint
 from digitflow.data import DigitSet, load_split
 from digitflow.device import device_from_name
+from digitflow.golden import GoldenImage, write_golden
 from digitflow.model import Net
+from digitflow.run_layout import CONFIG_ARTIFACT, GOLDEN_FILENAME
 from digitflow.tracking import TrackingTarget, ensure_experiment
-from digitflow.train_config import TrainConfig
-from digitflow.training import Augmentation, evaluate, predict_labels, train_one_epoch
+from digitflow.training_config import TrainConfig
+from digitflow.training_loop import Augmentation, evaluate, predict_labels, train_one_epoch
 
 logger = logging.getLogger(__name__)
 
 CONFIG_DIGEST_TAG = "digitflow.config_digest"
-MODEL_ARTIFACT = "model/model.pt"
-CONFIG_ARTIFACT = "train_model_config.json"
-GOLDEN_ARTIFACT = "model/golden.json"
 
 
 @dataclass(frozen=True)
@@ -58,8 +55,8 @@ def seed_everything(seed: int) -> torch.Generator:
 
 def golden_set(
     model: Net, data_dir: Path, test: DigitSet, count: int, device: torch.device
-) -> dict[str, object]:
-    """`count` held-out images (PNG bytes, base64), spread over the classes, with the predictions
+) -> list[GoldenImage]:
+    """`count` held-out images (PNG bytes), spread over the classes, with the predictions
     this model makes for them, so a server can prove it reproduces the run."""
     per_class: dict[int, list[int]] = {}
     for i, label in enumerate(test.labels.tolist()):
@@ -72,16 +69,15 @@ def golden_set(
                 chosen.append(members[rank])
         rank += 1
     predictions = predict_labels(model, test.images[chosen], device).tolist()
-    images = [
-        {
-            "filepath": test.filepaths[i],
-            "label": int(test.labels[i]),
-            "prediction": str(prediction),
-            "png_base64": base64.b64encode((data_dir / test.filepaths[i]).read_bytes()).decode(),
-        }
+    return [
+        GoldenImage(
+            filepath=test.filepaths[i],
+            label=int(test.labels[i]),
+            prediction=str(prediction),
+            png=(data_dir / test.filepaths[i]).read_bytes(),
+        )
         for i, prediction in zip(chosen, predictions, strict=True)
     ]
-    return {"format": 1, "images": images}
 
 
 def run_training(
@@ -167,7 +163,7 @@ def run_training(
             test_metrics.loss,
         )
         golden = golden_set(model, data_dir, test, config.golden_count, device)
-        (model_dir / "golden.json").write_text(json.dumps(golden))
+        write_golden(model_dir / GOLDEN_FILENAME, golden)
         mlflow.log_artifacts(str(model_dir), "model")
         mlflow.log_dict(config.to_dict(), CONFIG_ARTIFACT)
         return TrainResult(

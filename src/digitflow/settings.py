@@ -1,0 +1,148 @@
+"""The core's settings, read from the environment in this one place (the server has its own).
+
+MLflow's and AWS's usual variables (where experiments, runs and artifacts live, with their
+credentials), the cache folder for derived files, and the CLI's model and engine defaults.
+Empty values count as unset. Command-line options override what is read here.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import Field, NonNegativeInt, PositiveInt, ValidationError, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from digitflow import paths
+from digitflow.errors import ConfigError
+
+DEFAULT_TIMEOUT = 10.0
+Backend = Literal["onnx", "torch"]
+
+
+def is_remote_uri(uri: str | None) -> bool:
+    """True when a tracking URI names an HTTP(S) server (the one place this is decided)."""
+    return bool(uri and uri.startswith(("http://", "https://")))
+
+
+@dataclass(frozen=True)
+class StoreConfig:
+    """Where experiments, runs and artifacts live, and the credentials to read them."""
+
+    tracking_uri: str | None = None
+    username: str | None = None
+    password: str | None = None
+    s3_endpoint_url: str | None = None
+    aws_access_key_id: str | None = None
+    aws_secret_access_key: str | None = None
+    mlruns_dir: Path = paths.DEFAULT_MLRUNS_DIR
+    timeout: float = DEFAULT_TIMEOUT
+    s3_region: str | None = None
+
+    @property
+    def remote(self) -> bool:
+        """True when the tracking URI is an HTTP(S) server."""
+        return is_remote_uri(self.tracking_uri)
+
+    def with_overrides(self, **changes: Any) -> StoreConfig:
+        """A copy with the given fields replaced where the value is not None."""
+        return dataclasses.replace(self, **{k: v for k, v in changes.items() if v is not None})
+
+
+class ModelSettings(BaseSettings):
+    """Which model to serve and on which engine: shared by the CLI and the server's `Settings`."""
+
+    model_config = SettingsConfigDict(case_sensitive=True, extra="ignore")
+
+    USE_CUDA: bool = False
+    USE_MPS: bool = False
+    PRED_MODEL_UUID: str = ""
+    PRED_MODEL_PATH: Path | None = None
+    PRED_MODEL_URI: str | None = None
+    PRED_MODELS_DIR: Path = paths.DEFAULT_MODELS_DIR
+    INFERENCE_BACKEND: Backend = "onnx"
+    TORCH_THREADS: NonNegativeInt = 0
+
+    @field_validator("PRED_MODEL_PATH", "PRED_MODEL_URI", mode="before")
+    @classmethod
+    def _model_unset_when_empty(cls, value: Any) -> Any:
+        return None if value == "" else value
+
+    @property
+    def model_configured(self) -> bool:
+        """True when PRED_MODEL_PATH or PRED_MODEL_URI names a model."""
+        return self.PRED_MODEL_PATH is not None or bool(self.PRED_MODEL_URI)
+
+
+class CoreSettings(ModelSettings):
+    """Environment variables the core and the CLI understand."""
+
+    MLFLOW_TRACKING_URI: str | None = None
+    MLFLOW_TRACKING_USERNAME: str | None = None
+    MLFLOW_TRACKING_PASSWORD: str | None = None
+    MLFLOW_S3_ENDPOINT_URL: str | None = None
+    AWS_ENDPOINT_URL: str | None = None
+    AWS_ACCESS_KEY_ID: str | None = None
+    AWS_SECRET_ACCESS_KEY: str | None = None
+    AWS_REGION: str | None = None
+    AWS_DEFAULT_REGION: str | None = None
+    DIGITFLOW_CACHE_DIR: Path | None = None
+    XDG_CACHE_HOME: Path | None = None
+    PORT: int = Field(default=8080, ge=1, le=65535)
+    WEB_CONCURRENCY: PositiveInt | None = None
+
+    @field_validator(
+        "MLFLOW_TRACKING_URI",
+        "MLFLOW_TRACKING_USERNAME",
+        "MLFLOW_TRACKING_PASSWORD",
+        "MLFLOW_S3_ENDPOINT_URL",
+        "AWS_ENDPOINT_URL",
+        "AWS_ACCESS_KEY_ID",
+        "AWS_SECRET_ACCESS_KEY",
+        "AWS_REGION",
+        "AWS_DEFAULT_REGION",
+        "DIGITFLOW_CACHE_DIR",
+        "XDG_CACHE_HOME",
+        "WEB_CONCURRENCY",
+        mode="before",
+    )
+    @classmethod
+    def _empty_is_unset(cls, value: Any) -> Any:
+        return None if value == "" else value
+
+    def store(self, mlruns_dir: Path = paths.DEFAULT_MLRUNS_DIR) -> StoreConfig:
+        """The artifact store these variables describe."""
+        return StoreConfig(
+            tracking_uri=self.MLFLOW_TRACKING_URI,
+            username=self.MLFLOW_TRACKING_USERNAME,
+            password=self.MLFLOW_TRACKING_PASSWORD,
+            s3_endpoint_url=self.MLFLOW_S3_ENDPOINT_URL or self.AWS_ENDPOINT_URL,
+            aws_access_key_id=self.AWS_ACCESS_KEY_ID,
+            aws_secret_access_key=self.AWS_SECRET_ACCESS_KEY,
+            s3_region=self.AWS_REGION or self.AWS_DEFAULT_REGION,
+            mlruns_dir=mlruns_dir,
+        )
+
+    def cache_dir(self) -> Path:
+        """Derived files (ONNX exports): `DIGITFLOW_CACHE_DIR`, else `$XDG_CACHE_HOME/digitflow`."""
+        if self.DIGITFLOW_CACHE_DIR is not None:
+            return self.DIGITFLOW_CACHE_DIR
+        return (self.XDG_CACHE_HOME or Path.home() / ".cache") / "digitflow"
+
+
+def one_line(error: ValidationError, source: str = "environment") -> str:
+    """A pydantic validation error as one line naming each bad variable."""
+    problems = [
+        f"{'.'.join(str(p) for p in item['loc'])}: {item['msg']}" for item in error.errors()
+    ]
+    return f"invalid {source}: " + "; ".join(problems)
+
+
+def read_core_settings() -> CoreSettings:
+    """The core's settings from the environment; a bad value is one clear `ConfigError`."""
+    try:
+        return CoreSettings()
+    except ValidationError as exc:
+        raise ConfigError(one_line(exc)) from None
