@@ -31,9 +31,14 @@ def default_workers() -> int:
 
 
 def gunicorn_argv(host: str, port: int, workers: int) -> list[str]:
-    """The gunicorn command `digitflow serve` runs: the package's config, uvicorn workers."""
+    """The gunicorn command `digitflow serve` runs: the package's config, uvicorn workers.
+
+    Run as `python -m gunicorn` with this interpreter, so no script needs to be on PATH.
+    """
     return [
-        str(Path(sys.executable).parent / "gunicorn"),
+        sys.executable,
+        "-m",
+        "gunicorn",
         APP_IMPORT_STRING,
         "-c",
         GUNICORN_CONFIG,
@@ -93,8 +98,7 @@ def serve_command(
     served, report = choose_served_model(settings, data_dir, mlruns_dir)
     n_workers = workers or settings.WEB_CONCURRENCY or default_workers()
     port = port or settings.PORT
-    env = dict(os.environ)
-    env.update(
+    os.environ.update(
         PRED_MODEL_PATH=str(served.model_path),
         PRED_MODEL_UUID=served.model_uuid,
         WEB_CONCURRENCY=str(n_workers),
@@ -105,7 +109,7 @@ def serve_command(
     )
     argv = gunicorn_argv(host, port, n_workers)
     sys.stdout.flush()
-    os.execve(argv[0], argv, env)
+    os.execv(argv[0], argv)
 
 
 @handle_errors

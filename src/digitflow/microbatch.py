@@ -49,7 +49,6 @@ class MicroBatcher:
         self._queue: asyncio.Queue[_Request | None] | None = None
         self._task: asyncio.Task[None] | None = None
         self._executor: ThreadPoolExecutor | None = None
-        self.forward_calls = 0
 
     async def start(self) -> None:
         """Start the batching loop (idempotent)."""
@@ -140,7 +139,6 @@ class MicroBatcher:
         if not live:
             return
         images = live[0].images if len(live) == 1 else np.concatenate([r.images for r in live])
-        self.forward_calls += 1
         if self.on_batch is not None:
             self.on_batch(len(images))
         loop = asyncio.get_running_loop()

@@ -22,7 +22,13 @@ from digitflow.model import Net
 from digitflow.run_layout import CONFIG_ARTIFACT, GOLDEN_FILENAME
 from digitflow.tracking import TrackingTarget, ensure_experiment
 from digitflow.training_config import TrainConfig
-from digitflow.training_loop import Augmentation, evaluate, predict_labels, train_one_epoch
+from digitflow.training_loop import (
+    Augmentation,
+    EpochMetrics,
+    evaluate,
+    predict_labels,
+    train_one_epoch,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -45,12 +51,11 @@ def config_digest(config: TrainConfig) -> str:
     return hashlib.sha256(config.to_json().encode()).hexdigest()[:16]
 
 
-def seed_everything(seed: int) -> torch.Generator:
-    """Seed Python, NumPy and torch; return the generator that drives shuffling and augmentation."""
+def seed_everything(seed: int) -> None:
+    """Seed Python, NumPy and torch's global generators (weight init, dropout)."""
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
-    return torch.Generator().manual_seed(seed)
 
 
 def golden_set(
@@ -80,6 +85,95 @@ def golden_set(
     ]
 
 
+@dataclass(frozen=True)
+class _Fitted:
+    """The last epoch's metrics."""
+
+    train: EpochMetrics
+    test: EpochMetrics
+
+
+def _log_epoch(epoch: int, config: TrainConfig, fitted: _Fitted, progress: bool) -> None:
+    mlflow.log_metrics(
+        {
+            "train_loss": fitted.train.loss,
+            "train_accuracy": fitted.train.accuracy,
+            "test_loss": fitted.test.loss,
+            "test_accuracy": fitted.test.accuracy,
+        },
+        step=epoch,
+    )
+    if progress:
+        logger.info(
+            "epoch %d/%d: train_loss %.4f, test_loss %.4f, test_accuracy %.4f",
+            epoch,
+            config.epochs,
+            fitted.train.loss,
+            fitted.test.loss,
+            fitted.test.accuracy,
+        )
+
+
+def _fit(
+    model: Net,
+    config: TrainConfig,
+    train: DigitSet,
+    test: DigitSet,
+    device: torch.device,
+    workdir: Path,
+    progress: bool,
+) -> tuple[_Fitted, torch.optim.Optimizer]:
+    """Every epoch: train, evaluate, log metrics (and interval checkpoints) to the active run."""
+    generator = torch.Generator().manual_seed(config.seed)  # shuffling and augmentation
+    optimiser = torch.optim.Adadelta(model.parameters(), lr=config.lr)
+    scheduler = torch.optim.lr_scheduler.StepLR(optimiser, step_size=1, gamma=config.gamma)
+    augmentation = Augmentation() if config.augment else None
+    fitted: _Fitted | None = None
+    for epoch in range(1, config.epochs + 1):
+        description = f"epoch {epoch}/{config.epochs}"
+        fitted = _Fitted(
+            train=train_one_epoch(
+                model,
+                train,
+                optimiser,
+                device,
+                config.train_bs,
+                generator,
+                augmentation,
+                progress=progress,
+                description=description,
+            ),
+            test=evaluate(model, test, device, config.test_bs),
+        )
+        scheduler.step()
+        _log_epoch(epoch, config, fitted, progress)
+        interval = config.model_checkpoint_interval
+        if interval and epoch % interval == 0 and epoch != config.epochs:
+            path = workdir / "checkpoints" / f"epoch-{epoch}" / "model.pt"
+            save_checkpoint(path, model, optimiser, epoch, fitted.train.loss, fitted.test.loss)
+            mlflow.log_artifact(str(path), f"checkpoints/epoch-{epoch}")
+    assert fitted is not None  # epochs >= 1 (validated)
+    return fitted, optimiser
+
+
+def _log_model(
+    model: Net,
+    optimiser: torch.optim.Optimizer,
+    fitted: _Fitted,
+    config: TrainConfig,
+    golden: list[GoldenImage],
+    workdir: Path,
+) -> None:
+    """Log `model/model.pt`, `model/golden.json` and `train_model_config.json` to the run."""
+    model_dir = workdir / "model"
+    save_checkpoint(
+        model_dir / "model.pt", model, optimiser, config.epochs, fitted.train.loss, fitted.test.loss
+    )
+    write_golden(model_dir / GOLDEN_FILENAME, golden)
+    mlflow.log_artifacts(str(model_dir), "model")
+    mlflow.log_dict(config.to_dict(), CONFIG_ARTIFACT)
+
+
 def run_training(
     config: TrainConfig, data_dir: Path, target: TrackingTarget, progress: bool = True
 ) -> TrainResult:
@@ -88,16 +182,12 @@ def run_training(
     device = device_from_name(config.device)
     if config.num_threads:
         torch.set_num_threads(config.num_threads)
-    generator = seed_everything(config.seed)
+    seed_everything(config.seed)
     train = load_split(data_dir, "train", progress=progress)
     test = load_split(data_dir, "test", progress=progress)
     if config.train_limit:
         train = train.subset(config.train_limit)
-
     model = Net().to(device)
-    optimiser = torch.optim.Adadelta(model.parameters(), lr=config.lr)
-    scheduler = torch.optim.lr_scheduler.StepLR(optimiser, step_size=1, gamma=config.gamma)
-    augmentation = Augmentation() if config.augment else None
 
     mlflow.set_tracking_uri(target.uri)
     experiment_id = ensure_experiment(target, config.mlflow_exp_name)
@@ -110,67 +200,14 @@ def run_training(
     ):
         mlflow.log_params(config.to_dict())
         mlflow.log_params({"train_size": len(train), "test_size": len(test)})
-        workdir = Path(tmp)
-        train_metrics = test_metrics = None
-        for epoch in range(1, config.epochs + 1):
-            train_metrics = train_one_epoch(
-                model,
-                train,
-                optimiser,
-                device,
-                config.train_bs,
-                generator,
-                augmentation,
-                progress=progress,
-                description=f"epoch {epoch}/{config.epochs}",
-            )
-            test_metrics = evaluate(model, test, device, config.test_bs)
-            scheduler.step()
-            mlflow.log_metrics(
-                {
-                    "train_loss": train_metrics.loss,
-                    "train_accuracy": train_metrics.accuracy,
-                    "test_loss": test_metrics.loss,
-                    "test_accuracy": test_metrics.accuracy,
-                },
-                step=epoch,
-            )
-            if progress:
-                logger.info(
-                    "epoch %d/%d: train_loss %.4f, test_loss %.4f, test_accuracy %.4f",
-                    epoch,
-                    config.epochs,
-                    train_metrics.loss,
-                    test_metrics.loss,
-                    test_metrics.accuracy,
-                )
-            interval = config.model_checkpoint_interval
-            if interval and epoch % interval == 0 and epoch != config.epochs:
-                path = workdir / "checkpoints" / f"epoch-{epoch}" / "model.pt"
-                save_checkpoint(
-                    path, model, optimiser, epoch, train_metrics.loss, test_metrics.loss
-                )
-                mlflow.log_artifact(str(path), f"checkpoints/epoch-{epoch}")
-        assert train_metrics is not None and test_metrics is not None
-
-        model_dir = workdir / "model"
-        save_checkpoint(
-            model_dir / "model.pt",
-            model,
-            optimiser,
-            config.epochs,
-            train_metrics.loss,
-            test_metrics.loss,
-        )
+        fitted, optimiser = _fit(model, config, train, test, device, Path(tmp), progress)
         golden = golden_set(model, data_dir, test, config.golden_count, device)
-        write_golden(model_dir / GOLDEN_FILENAME, golden)
-        mlflow.log_artifacts(str(model_dir), "model")
-        mlflow.log_dict(config.to_dict(), CONFIG_ARTIFACT)
+        _log_model(model, optimiser, fitted, config, golden, Path(tmp))
         return TrainResult(
             run_id=run.info.run_id,
             artifact_uri=str(run.info.artifact_uri),
-            test_accuracy=test_metrics.accuracy,
-            test_loss=test_metrics.loss,
+            test_accuracy=fitted.test.accuracy,
+            test_loss=fitted.test.loss,
             seconds=time.perf_counter() - started,
         )
 

@@ -32,7 +32,7 @@ __all__ = ["on_exit", "on_starting", "reuse_port"]
 
 reuse_port = True
 
-_MADE_METRICS_DIR = "DIGITFLOW_MADE_METRICS_DIR"
+_made_metrics_dir: Path | None = None  # set in the master when it creates the folder
 
 
 def _refuse_busy_ports(addresses: list[Any]) -> None:
@@ -52,11 +52,11 @@ def _refuse_busy_ports(addresses: list[Any]) -> None:
 
 
 def _prepare_metrics_dir(configured: Path | None) -> None:
+    global _made_metrics_dir
     folder = configured
     if folder is None:
-        folder = Path(tempfile.mkdtemp(prefix="digitflow-metrics-"))
+        folder = _made_metrics_dir = Path(tempfile.mkdtemp(prefix="digitflow-metrics-"))
         os.environ["DIGITFLOW_METRICS_DIR"] = str(folder)
-        os.environ[_MADE_METRICS_DIR] = str(folder)
     folder.mkdir(parents=True, exist_ok=True)
     for stale in folder.glob("worker-*.json"):  # an earlier run's totals would be added
         stale.unlink()
@@ -83,13 +83,12 @@ def on_starting(server: Any) -> None:
 
     _refuse_busy_ports(list(server.cfg.address))
     _pin_served_model()
-    os.environ.setdefault("WEB_CONCURRENCY", str(server.cfg.workers))
+    os.environ["WEB_CONCURRENCY"] = str(server.cfg.workers)
     _prepare_metrics_dir(get_settings().DIGITFLOW_METRICS_DIR)
     get_settings.cache_clear()
 
 
 def on_exit(server: Any) -> None:
     """Remove the metrics folder if this module created it."""
-    made = os.environ.get(_MADE_METRICS_DIR)
-    if made:
-        shutil.rmtree(made, ignore_errors=True)
+    if _made_metrics_dir is not None:
+        shutil.rmtree(_made_metrics_dir, ignore_errors=True)
