@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install serve test lint format bench clean
+.PHONY: install serve test test-fast lint format bench clean
 
 install: $(STAMP)
 
@@ -20,6 +20,9 @@ serve: install
 
 test: install
 	$(BIN)/python -m pytest
+
+test-fast: install
+	$(BIN)/python -m pytest -m "not slow"
 
 lint: install
 	$(BIN)/ruff check src tests benchmarks

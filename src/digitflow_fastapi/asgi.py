@@ -14,7 +14,7 @@ from collections.abc import Awaitable, Callable, Mapping, MutableMapping
 from typing import Any
 
 from fastapi import FastAPI
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response
 
 from digitflow_fastapi import metrics
@@ -29,6 +29,8 @@ Receive = Callable[[], Awaitable[Message]]
 Send = Callable[[Message], Awaitable[None]]
 ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
 Endpoint = Callable[[Request], Awaitable[Response]]
+
+CLIENT_CLOSED_REQUEST = 499
 
 
 def _declared_length_problem(scope: Scope, max_bytes: int) -> OrjsonResponse | None:
@@ -84,6 +86,11 @@ class LeanFastAPI(FastAPI):
             response = await endpoint(Request(scope, receive))
         except RequestError as exc:
             response = error_response(exc)
+        except ClientDisconnect:
+            # Gone mid-upload: nobody to answer. Counted as nginx's 499, no traceback.
+            logger.info("client disconnected before the request was read")
+            metrics.METRICS.observe_request(CLIENT_CLOSED_REQUEST, time.perf_counter() - started)
+            return
         except Exception:
             logger.exception("unhandled error on %r", scope["path"][:200])
             response = OrjsonResponse({"detail": "internal server error"}, status_code=500)

@@ -11,7 +11,13 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
-from pydantic import NonNegativeFloat, PositiveInt, ValidationError, field_validator
+from pydantic import (
+    NonNegativeFloat,
+    PositiveFloat,
+    PositiveInt,
+    ValidationError,
+    field_validator,
+)
 
 from digitflow import paths
 from digitflow.errors import ConfigError
@@ -32,6 +38,11 @@ class Settings(ModelSettings):
     MAX_UPLOAD_BYTES: PositiveInt = 10 * 1024 * 1024
     MAX_IMAGE_PIXELS: PositiveInt = 20_000_000
     MAX_FILES_PER_REQUEST: PositiveInt = 64
+    HEADER_TIMEOUT_S: PositiveFloat = 10.0
+    BODY_TIMEOUT_S: PositiveFloat = 30.0
+    MAX_HEADER_BYTES: PositiveInt = 16 * 1024
+    MAX_HEADER_COUNT: PositiveInt = 100
+    MAX_CONNECTIONS_PER_WORKER: PositiveInt = 1000
     MAX_BATCH_SIZE: PositiveInt = 64
     MAX_BATCH_WAIT_MS: NonNegativeFloat = 0.0
     WEB_CONCURRENCY: PositiveInt = 1

@@ -4,6 +4,8 @@ through the thin `src/gunicorn.conf.py`, by the seed's command run from `src/`.
 - The master decides which model to serve once, before forking (`resolve_served_model`), and
   pins every worker, respawned ones included, to that file and run UUID through the environment
   they inherit: a registry alias that moves later cannot make two workers serve two models.
+- Every uvicorn worker gets `connection_guard` (header and body deadlines, header and connection
+  caps), whichever worker class the command line names.
 - Tells workers how many siblings they have, so each sizes its thread pool to cores // workers.
 - `reuse_port`: each worker binds its own SO_REUSEPORT listening socket and the kernel spreads
   new connections evenly over them. With one shared socket, whichever worker is idle at that
@@ -28,7 +30,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-__all__ = ["on_exit", "on_starting", "reuse_port"]
+__all__ = ["on_exit", "on_starting", "post_worker_init", "reuse_port"]
 
 reuse_port = True
 
@@ -86,6 +88,25 @@ def on_starting(server: Any) -> None:
     os.environ["WEB_CONCURRENCY"] = str(server.cfg.workers)
     _prepare_metrics_dir(get_settings().DIGITFLOW_METRICS_DIR)
     get_settings.cache_clear()
+
+
+def post_worker_init(worker: Any) -> None:
+    """Give a uvicorn worker the connection guard (deadlines, header and connection caps)."""
+    from digitflow_fastapi.config import get_settings
+    from digitflow_fastapi.connection_guard import ConnectionLimits, GuardedHttpToolsProtocol
+
+    config = getattr(worker, "config", None)
+    if config is None or not hasattr(config, "http"):
+        return  # not a uvicorn worker
+    settings = get_settings()
+    limits = ConnectionLimits(
+        header_timeout=settings.HEADER_TIMEOUT_S,
+        body_timeout=settings.BODY_TIMEOUT_S,
+        max_header_bytes=settings.MAX_HEADER_BYTES,
+        max_header_count=settings.MAX_HEADER_COUNT,
+        max_connections=settings.MAX_CONNECTIONS_PER_WORKER,
+    )
+    config.http = GuardedHttpToolsProtocol.configured(limits)
 
 
 def on_exit(server: Any) -> None:

@@ -81,7 +81,8 @@ async def read_multipart(
     )
     if media_type != b"multipart/form-data":
         raise RequestError(
-            415, f"Content-Type must be multipart/form-data, not {media_type.decode()[:60]!r}"
+            415,
+            f"Content-Type must be multipart/form-data, not {media_type.decode('latin-1')[:60]!r}",
         )
     boundary = options.get(b"boundary")
     if not boundary:

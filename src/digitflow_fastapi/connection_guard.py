@@ -1,0 +1,208 @@
+"""Connection deadlines and caps in front of the app, installed into every uvicorn worker.
+
+uvicorn's HTTP protocol (httptools) gives a connection that sends nothing, or sends its headers
+or body a byte at a time, all the time it wants, and it ignores gunicorn's `limit_request_*`.
+`GuardedHttpToolsProtocol` adds, per connection:
+
+- a header deadline: the request line and headers must arrive within `header_timeout` seconds of
+  the connection opening (or of the previous response); a silent connection is closed, a slow one
+  gets 408;
+- a body deadline: the body must arrive within `body_timeout` seconds of the headers (408);
+- caps on header bytes (request line included) and header count (431);
+- a per-worker connection cap: a connection over it gets 503 with `Retry-After` at once;
+- a graceful drain: on shutdown an idle keep-alive connection stays open for `drain_seconds`, so
+  a request already on its way is answered (with `Connection: close`) instead of being dropped.
+
+`gunicorn_conf.post_worker_init` installs it with the values of `Settings`, so the seed's command
+(`-k uvicorn.workers.UvicornWorker`) and `digitflow serve` both get it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import orjson
+from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol
+
+
+@dataclass(frozen=True)
+class ConnectionLimits:
+    """The guard's settings (see the module docstring)."""
+
+    header_timeout: float = 10.0
+    body_timeout: float = 30.0
+    max_header_bytes: int = 16 * 1024
+    max_header_count: int = 100
+    max_connections: int = 1000
+    drain_seconds: float = 1.0
+    retry_after_seconds: int = 1
+
+
+class _Refused(Exception):
+    """Raised inside a parser callback to stop parsing; the answer is in `_refusal`."""
+
+
+def raw_json_response(status: int, detail: str, extra_headers: tuple[bytes, ...] = ()) -> bytes:
+    """A complete `Connection: close` HTTP/1.1 response with a JSON `{"detail": ...}` body."""
+    body = orjson.dumps({"detail": detail})
+    head = [
+        STATUS_LINE[status],
+        b"content-type: application/json\r\n",
+        b"content-length: " + str(len(body)).encode() + b"\r\n",
+        b"connection: close\r\n",
+        *extra_headers,
+        b"\r\n",
+    ]
+    return b"".join(head) + body
+
+
+class GuardedHttpToolsProtocol(HttpToolsProtocol):
+    """uvicorn's httptools protocol with deadlines, header caps and a connection cap."""
+
+    limits: ClassVar[ConnectionLimits] = ConnectionLimits()
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._deadline: asyncio.TimerHandle | None = None
+        self._header_bytes = 0
+        self._header_count = 0
+        self._refusal: bytes | None = None
+        self._draining = False
+        self._request_started = False
+
+    @classmethod
+    def configured(cls, limits: ConnectionLimits) -> type[GuardedHttpToolsProtocol]:
+        """A subclass bound to `limits` (what uvicorn's `Config.http` is given)."""
+        return type(cls.__name__, (cls,), {"limits": limits})
+
+    # deadlines -----------------------------------------------------------------------------
+    def _arm(self, seconds: float, handler: Any) -> None:
+        self._disarm()
+        self._deadline = self.loop.call_later(seconds, handler)
+
+    def _disarm(self) -> None:
+        if self._deadline is not None:
+            self._deadline.cancel()
+            self._deadline = None
+
+    def _refuse(self, status: int, detail: str, extra: tuple[bytes, ...] = ()) -> None:
+        """Answer `status` and close, unless a response is already under way."""
+        self._disarm()
+        if self.transport.is_closing():
+            return
+        if self.cycle is None or not self.cycle.response_started:
+            self.transport.write(raw_json_response(status, detail, extra))
+        if self.cycle is not None:  # the app's receive() now reports a disconnect
+            self.cycle.disconnected = True
+            self.cycle.message_event.set()
+        self.transport.close()
+
+    def _on_header_deadline(self) -> None:
+        self._deadline = None
+        if not self._request_started:
+            self.transport.close()  # idle: nothing to answer
+            return
+        seconds = self.limits.header_timeout
+        self._refuse(408, f"request headers not received within {seconds:g} s")
+
+    def _on_body_deadline(self) -> None:
+        self._deadline = None
+        self._refuse(408, f"request body not received within {self.limits.body_timeout:g} s")
+
+    # protocol and parser callbacks ---------------------------------------------------------
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        super().connection_made(transport)
+        if len(self.connections) > self.limits.max_connections:
+            retry = f"retry-after: {self.limits.retry_after_seconds}\r\n".encode()
+            transport.write(
+                raw_json_response(503, "too many connections to this worker; retry", (retry,))
+            )
+            transport.close()
+            return
+        self._arm(self.limits.header_timeout, self._on_header_deadline)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._disarm()
+        super().connection_lost(exc)
+
+    def on_message_begin(self) -> None:
+        super().on_message_begin()
+        self._request_started = True
+        self._header_bytes = 0
+        self._header_count = 0
+        if self._deadline is None:
+            self._arm(self.limits.header_timeout, self._on_header_deadline)
+
+    def on_url(self, url: bytes) -> None:
+        self._count_header_bytes(len(url))
+        super().on_url(url)
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self._header_count += 1
+        self._count_header_bytes(len(name) + len(value))
+        if self._header_count > self.limits.max_header_count:
+            self._refusal = raw_json_response(
+                431, f"more than {self.limits.max_header_count} request headers"
+            )
+            raise _Refused
+        super().on_header(name, value)
+
+    def _count_header_bytes(self, count: int) -> None:
+        self._header_bytes += count
+        if self._header_bytes > self.limits.max_header_bytes:
+            self._refusal = raw_json_response(
+                431, f"request line and headers exceed {self.limits.max_header_bytes} bytes"
+            )
+            raise _Refused
+
+    def send_400_response(self, msg: str) -> None:
+        """Called by uvicorn when parsing fails; a cap refusal answers 431 instead of 400."""
+        if self._refusal is None:
+            super().send_400_response(msg)
+            return
+        self._disarm()
+        self.transport.write(self._refusal)
+        self.transport.close()
+
+    def on_headers_complete(self) -> None:
+        self._disarm()
+        super().on_headers_complete()
+        if self._draining and self.cycle is not None:
+            self.cycle.keep_alive = False
+        if self.cycle is not None and self.cycle.more_body and self._expects_body():
+            self._arm(self.limits.body_timeout, self._on_body_deadline)
+
+    def _expects_body(self) -> bool:
+        for name, value in self.headers:
+            if name == b"content-length":
+                return value.strip() not in (b"0", b"")
+            if name == b"transfer-encoding":
+                return True
+        return False
+
+    def on_message_complete(self) -> None:
+        self._disarm()
+        super().on_message_complete()
+
+    def on_response_complete(self) -> None:
+        self._request_started = False
+        super().on_response_complete()
+        if not self.transport.is_closing() and not self.pipeline:
+            self._arm(self.limits.header_timeout, self._on_header_deadline)
+
+    def shutdown(self) -> None:
+        """Graceful stop: finish the request in flight; give an idle connection a moment."""
+        self._draining = True
+        if self.cycle is not None and not self.cycle.response_complete:
+            self.cycle.keep_alive = False
+            return
+        if self._request_started:
+            return  # headers on their way: on_headers_complete turns keep-alive off
+        self._arm(self.limits.drain_seconds, self._close_idle)
+
+    def _close_idle(self) -> None:
+        self._deadline = None
+        if not self._request_started and not self.transport.is_closing():
+            self.transport.close()
