@@ -22,6 +22,8 @@ from digitflow.preprocess import bytes_to_input
 from tests.support.gunicorn_server import TrainedModel, serve
 from tests.support.processes import ServerProcess
 
+pytestmark = pytest.mark.slow  # starts real servers or trains a model
+
 PREDICT = "/api/v1/model/predict"
 MAX_FILES = 4
 MAX_UPLOAD = 2 * 1024 * 1024

@@ -22,6 +22,8 @@ from digitflow.selftest import run_self_test
 from tests.support.gunicorn_server import SRC_DIR, TrainedModel, start_gunicorn
 from tests.support.processes import free_port, running, start_process
 
+pytestmark = pytest.mark.slow  # starts real servers or trains a model
+
 
 class _Payload:
     def __init__(self, marker: Path) -> None:

@@ -54,6 +54,8 @@ from tests.support.artifact_stores import (
 )
 from tests.support.processes import free_port
 
+pytestmark = pytest.mark.slow  # starts real servers or trains a model
+
 SEED_FILES = {"model/model.pt", "model/golden.json", "train_model_config.json"}
 
 

@@ -17,6 +17,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import pytest
 import torch
 from typer.testing import CliRunner, Result
 
@@ -34,6 +35,8 @@ from tests.support.artifact_stores import (
     StackRuns,
 )
 from tests.support.processes import free_port
+
+pytestmark = pytest.mark.slow  # starts real servers or trains a model
 
 DIGITFLOW = str(Path(sys.executable).with_name("digitflow"))
 CLEARED = {k: None for k in os.environ if k.startswith(("MLFLOW_", "AWS_"))}

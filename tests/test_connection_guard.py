@@ -18,6 +18,8 @@ import pytest
 from tests.support.gunicorn_server import TrainedModel, serve
 from tests.support.processes import ServerProcess
 
+pytestmark = pytest.mark.slow  # starts real servers or trains a model
+
 HEADER_TIMEOUT = 1.5
 BODY_TIMEOUT = 1.5
 MAX_HEADER_BYTES = 4096

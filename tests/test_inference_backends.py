@@ -16,6 +16,8 @@ from digitflow.inference import Classifier
 from digitflow.preprocess import bytes_to_input
 from tests.support.gunicorn_server import TrainedModel
 
+pytestmark = pytest.mark.slow  # starts real servers or trains a model
+
 
 @pytest.fixture(scope="module")
 def test_images(data_dir: Path) -> npt.NDArray[np.float32]:

@@ -8,7 +8,11 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from tests.support.gunicorn_server import TrainedModel
+
+pytestmark = pytest.mark.slow  # starts real servers or trains a model
 
 CLI = str(Path(sys.executable).parent / "digitflow")
 

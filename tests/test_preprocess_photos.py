@@ -14,6 +14,8 @@ from digitflow.inference import Classifier
 from digitflow.preprocess import bytes_to_input
 from tests.support.gunicorn_server import TrainedModel
 
+pytestmark = pytest.mark.slow  # starts real servers or trains a model
+
 COUNT = 300
 
 

@@ -13,6 +13,8 @@ import pytest
 from tests.support.gunicorn_server import TrainedModel
 from tests.support.processes import free_port, running, start_process
 
+pytestmark = pytest.mark.slow  # starts real servers or trains a model
+
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -51,7 +53,6 @@ def installed_venv(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return venv
 
 
-@pytest.mark.slow
 def test_a_regular_install_imports_digitflow_from_its_own_site_packages(
     installed_venv: Path, tmp_path: Path
 ) -> None:
@@ -68,7 +69,6 @@ def test_a_regular_install_imports_digitflow_from_its_own_site_packages(
     assert out[1] == "True"  # the default configs ship inside the package
 
 
-@pytest.mark.slow
 def test_digitflow_serve_from_a_regular_install_answers_the_seed_request(
     installed_venv: Path, trained_model: TrainedModel, data_dir: Path, tmp_path: Path
 ) -> None:

@@ -17,6 +17,8 @@ from digitflow.model import Net
 from digitflow.preprocess import bytes_to_input
 from tests.support.processes import ServerProcess, free_port
 
+pytestmark = pytest.mark.slow  # starts real servers or trains a model
+
 DIGITFLOW = str(Path(sys.executable).with_name("digitflow"))
 QUICK = ["epochs=2", "train_limit=600", "golden_count=12", "mlflow_run_name=quick"]
 

@@ -137,6 +137,7 @@ def create_app(settings: Settings | None = None, classifier: Classifier | None =
     app = LeanFastAPI(
         {predict_path: predict_lean},
         max_body_bytes=conf.MAX_UPLOAD_BYTES,
+        max_in_flight=conf.MAX_IN_FLIGHT_PER_WORKER,
         title=conf.API_NAME,
         description="Recognises a handwritten digit (0–9) in an uploaded image.",
         default_response_class=OrjsonResponse,

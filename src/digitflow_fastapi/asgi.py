@@ -57,15 +57,28 @@ def _declared_length_problem(scope: Scope, max_bytes: int) -> OrjsonResponse | N
     return None
 
 
+def overloaded_response(limit: int) -> OrjsonResponse:
+    """503 with `Retry-After` for a worker already holding `limit` requests."""
+    detail = f"this worker is busy with {limit} requests (MAX_IN_FLIGHT_PER_WORKER); retry"
+    headers = {"Retry-After": "1", "Connection": "close"}
+    return OrjsonResponse({"detail": detail}, status_code=503, headers=headers)
+
+
 class LeanFastAPI(FastAPI):
     """FastAPI with a body-size cap in front and hot POST endpoints served without middleware."""
 
     def __init__(
-        self, hot_posts: Mapping[str, Endpoint], max_body_bytes: int, **kwargs: Any
+        self,
+        hot_posts: Mapping[str, Endpoint],
+        max_body_bytes: int,
+        max_in_flight: int = 128,
+        **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
         self.hot_posts = dict(hot_posts)
         self.max_body_bytes = max_body_bytes
+        self.max_in_flight = max_in_flight
+        self.in_flight = 0
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http":
@@ -82,6 +95,21 @@ class LeanFastAPI(FastAPI):
 
     async def _answer(self, endpoint: Endpoint, scope: Scope, receive: Receive, send: Send) -> None:
         started = time.perf_counter()
+        if self.in_flight >= self.max_in_flight:
+            # Refused before the body is read: waiting would only grow everyone's latency.
+            response = overloaded_response(self.max_in_flight)
+            await response(scope, receive, send)
+            metrics.METRICS.observe_request(503, time.perf_counter() - started)
+            return
+        self.in_flight += 1
+        try:
+            await self._run(endpoint, scope, receive, send, started)
+        finally:
+            self.in_flight -= 1
+
+    async def _run(
+        self, endpoint: Endpoint, scope: Scope, receive: Receive, send: Send, started: float
+    ) -> None:
         try:
             response = await endpoint(Request(scope, receive))
         except RequestError as exc:

@@ -43,6 +43,7 @@ class Settings(ModelSettings):
     MAX_HEADER_BYTES: PositiveInt = 16 * 1024
     MAX_HEADER_COUNT: PositiveInt = 100
     MAX_CONNECTIONS_PER_WORKER: PositiveInt = 1000
+    MAX_IN_FLIGHT_PER_WORKER: PositiveInt = 128
     MAX_BATCH_SIZE: PositiveInt = 64
     MAX_BATCH_WAIT_MS: NonNegativeFloat = 0.0
     WEB_CONCURRENCY: PositiveInt = 1

@@ -1,0 +1,242 @@
+"""Process faults under steady load, against the seed's gunicorn command with 2 workers."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import httpx
+import pytest
+
+from tests.support.gunicorn_server import TrainedModel, start_gunicorn
+from tests.support.processes import ServerProcess, stop_process, wait_for_http
+
+pytestmark = pytest.mark.slow  # starts real servers or trains a model
+
+PREDICT = "/api/v1/model/predict"
+
+
+@dataclass
+class Outcome:
+    sent_at: float
+    ok: bool
+    right: bool = True
+
+
+@dataclass
+class Load:
+    """Keep-alive clients posting real test digits in a loop, each answer checked."""
+
+    server: ServerProcess
+    samples: list[tuple[bytes, int]]
+    clients: int = 8
+    outcomes: list[Outcome] = field(default_factory=list)
+    stop: threading.Event = field(default_factory=threading.Event)
+
+    def _client_loop(self, index: int) -> None:
+        client = httpx.Client(base_url=self.server.url, timeout=20)
+        i = index
+        while not self.stop.is_set():
+            data, label = self.samples[i % len(self.samples)]
+            i += self.clients
+            sent_at = time.monotonic()
+            try:
+                answer = client.post(PREDICT, files={"image_file": ("d.png", data)})
+                ok = answer.status_code == 200
+                right = ok and answer.json()["data"][0]["prediction"] == str(label)
+                self.outcomes.append(Outcome(sent_at, ok, right or not ok))
+            except httpx.HTTPError:
+                self.outcomes.append(Outcome(sent_at, False))
+                client.close()
+                client = httpx.Client(base_url=self.server.url, timeout=20)
+                time.sleep(0.05)
+        client.close()
+
+    def run(self) -> list[threading.Thread]:
+        threads = [
+            threading.Thread(target=self._client_loop, args=(i,), daemon=True)
+            for i in range(self.clients)
+        ]
+        for thread in threads:
+            thread.start()
+        return threads
+
+
+def load_samples(data_dir: Path, model: TrainedModel) -> list[tuple[bytes, int]]:
+    """Test digits the served model gets right (so a wrong answer means mixed-up replies)."""
+    from digitflow.inference import Classifier
+    from digitflow.preprocess import bytes_to_input
+
+    classifier = Classifier.from_checkpoint(model.model_path)
+    samples = []
+    for path in sorted((data_dir / "test").glob("*/*.png"))[:200]:
+        data = path.read_bytes()
+        label = int(path.parent.name)
+        if classifier.predict(bytes_to_input(data)[None])[0].label == label:
+            samples.append((data, label))
+    return samples
+
+
+def worker_pids(master: int) -> list[int]:
+    children = Path(f"/proc/{master}/task/{master}/children").read_text().split()
+    return [int(pid) for pid in children]
+
+
+def test_sigterm_under_load_answers_every_request_sent_before_it_and_exits_0(
+    trained_model: TrainedModel, data_dir: Path, tmp_path: Path
+) -> None:
+    server = start_gunicorn(tmp_path / "g.log", {"PRED_MODEL_PATH": str(trained_model.model_path)})
+    try:
+        wait_for_http(server, "/ready", timeout=120)
+        load = Load(server, load_samples(data_dir, trained_model))
+        threads = load.run()
+        time.sleep(2.0)
+        signalled_at = time.monotonic()
+        os.kill(server.pid, signal.SIGTERM)
+        returncode = server.process.wait(timeout=30)
+        load.stop.set()
+        for thread in threads:
+            thread.join(timeout=30)
+    finally:
+        stop_process(server)
+    before = [o for o in load.outcomes if o.sent_at < signalled_at]
+    assert len(before) > 50
+    assert [o for o in before if not o.ok] == [], server.log()[-3000:]
+    assert all(o.right for o in load.outcomes)
+    assert returncode == 0
+
+
+def test_kill_9_of_a_worker_fails_at_most_the_requests_in_flight_on_it(
+    trained_model: TrainedModel, data_dir: Path, tmp_path: Path
+) -> None:
+    server = start_gunicorn(tmp_path / "g.log", {"PRED_MODEL_PATH": str(trained_model.model_path)})
+    try:
+        wait_for_http(server, "/ready", timeout=120)
+        load = Load(server, load_samples(data_dir, trained_model))
+        threads = load.run()
+        time.sleep(2.0)
+        victim = worker_pids(server.pid)[0]
+        killed_at = time.monotonic()
+        os.kill(victim, signal.SIGKILL)
+        time.sleep(8.0)
+        load.stop.set()
+        for thread in threads:
+            thread.join(timeout=30)
+        workers_after = worker_pids(server.pid)
+    finally:
+        stop_process(server)
+    failed = [o for o in load.outcomes if not o.ok]
+    assert len(failed) <= load.clients  # at most one in flight per client
+    assert all(o.right for o in load.outcomes)
+    assert victim not in workers_after and len(workers_after) == 2  # replaced
+    late = [o for o in load.outcomes if o.sent_at > killed_at + 5 and o.ok]
+    early = [o for o in load.outcomes if killed_at - 2 < o.sent_at < killed_at and o.ok]
+    print(
+        f"kill -9: {len(failed)} failed; {len(early) / 2:.0f} req/s before, "
+        f"{len(late) / 3:.0f} req/s 5-8 s after"
+    )
+    assert late, "no request succeeded 5 s after the kill"
+
+
+def test_1500_requests_at_512_at_once_are_answered_or_refused_with_retry_after(
+    trained_model: TrainedModel, data_dir: Path, tmp_path: Path
+) -> None:
+    server = start_gunicorn(tmp_path / "g.log", {"PRED_MODEL_PATH": str(trained_model.model_path)})
+    sample = next((data_dir / "test" / "5").glob("*.png")).read_bytes()
+
+    async def burst() -> list[tuple[int, str | None, float]]:
+        limits = httpx.Limits(max_connections=512, max_keepalive_connections=512)
+        async with httpx.AsyncClient(base_url=server.url, timeout=60, limits=limits) as client:
+            gate = asyncio.Semaphore(512)
+
+            async def one() -> tuple[int, str | None, float]:
+                async with gate:
+                    started = time.perf_counter()
+                    try:
+                        answer = await client.post(PREDICT, files={"image_file": ("5.png", sample)})
+                    except httpx.HTTPError as exc:
+                        return (0, type(exc).__name__, time.perf_counter() - started)
+                    return (
+                        answer.status_code,
+                        answer.headers.get("retry-after"),
+                        time.perf_counter() - started,
+                    )
+
+            return await asyncio.gather(*(one() for _ in range(1500)))
+
+    try:
+        wait_for_http(server, "/ready", timeout=120)
+        results = asyncio.run(burst())
+    finally:
+        stop_process(server)
+    answered = [r for r in results if r[0] == 200]
+    refused = [r for r in results if r[0] == 503]
+    assert len(answered) + len(refused) == 1500, {r[:2] for r in results if r[0] not in (200, 503)}
+    assert all(r[1] is not None for r in refused)
+    latencies = sorted(r[2] for r in answered)
+    p99 = latencies[int(len(latencies) * 0.99) - 1] if latencies else 0.0
+    print(f"512 at once: {len(answered)} answered, {len(refused)} refused, p99 {p99 * 1000:.0f} ms")
+
+
+def test_workers_stay_pinned_to_the_run_resolved_at_start_when_the_alias_moves(
+    trained_model: TrainedModel, data_dir: Path, tmp_path: Path
+) -> None:
+    from mlflow.tracking import MlflowClient
+
+    from digitflow.inference import Classifier
+    from digitflow.preprocess import bytes_to_input
+    from digitflow.tracking import TrackingTarget
+    from digitflow.training_config import load_train_config
+    from digitflow.training_run import run_training
+
+    mlruns = trained_model.model_path.parents[4]
+    uri = f"sqlite:///{mlruns / 'mlflow.db'}"
+    client = MlflowClient(tracking_uri=uri, registry_uri=uri)
+    name = f"pinned-{tmp_path.name}"
+    client.create_registered_model(name)
+    first = trained_model.run_id
+    client.create_model_version(name, source=f"runs:/{first}/model", run_id=first)
+    client.set_registered_model_alias(name, "champion", "1")
+    env = {
+        "MLFLOW_TRACKING_URI": uri,
+        "PRED_MODEL_URI": f"models:/{name}@champion",
+        "PRED_MODELS_DIR": str(tmp_path / "models"),
+    }
+    server = start_gunicorn(tmp_path / "g.log", env)
+    sample = next((data_dir / "test" / "8").glob("*.png")).read_bytes()
+    expected = Classifier.from_checkpoint(trained_model.model_path).predict(
+        bytes_to_input(sample)[None]
+    )[0]
+    try:
+        wait_for_http(server, "/ready", timeout=180)
+        config = load_train_config(None, ["epochs=1", "train_limit=300", "golden_count=5"])
+        second = run_training(config, data_dir, TrackingTarget(uri=uri), progress=False).run_id
+        client.create_model_version(name, source=f"runs:/{second}/model", run_id=second)
+        client.set_registered_model_alias(name, "champion", "2")
+        victim = worker_pids(server.pid)[0]
+        os.kill(victim, signal.SIGKILL)
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            workers = worker_pids(server.pid)
+            if victim not in workers and len(workers) == 2:
+                break
+            time.sleep(0.2)
+        time.sleep(3.0)  # the new worker loads its model
+        answers, versions = [], set()
+        for _ in range(40):  # a new connection each time: both workers answer
+            with httpx.Client(base_url=server.url, timeout=30) as fresh:
+                reply = fresh.post(
+                    PREDICT + "?probabilities=true", files={"image_file": ("8.png", sample)}
+                ).json()["data"][0]
+                answers.append(reply["probabilities"])
+                versions.add(fresh.get("/api/v1/model/version").json()["data"]["model_uuid"])
+    finally:
+        stop_process(server)
+    assert versions == {first}
+    for probabilities in answers:
+        assert probabilities == pytest.approx(list(expected.probabilities), abs=1e-5)
