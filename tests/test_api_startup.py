@@ -83,6 +83,7 @@ def test_gunicorn_stops_with_a_clear_line_and_a_non_zero_exit(
     returncode, log = run_gunicorn_until_exit(tmp_path, path)
     assert returncode != 0
     assert "start-up failed: " in log and words in log and path.name in log
+    assert "Traceback" not in log  # one line names the cause
     assert not marker.exists()
 
 

@@ -8,14 +8,13 @@ from __future__ import annotations
 
 import hashlib
 import json
-import threading
 import time
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any
 
 import pytest
 
-from digitflow.artifact_sources import RemoteFile, TransientError
+from digitflow.artifact_sources import RemoteFile
 from digitflow.errors import (
     ArtifactIntegrityError,
     ArtifactNotFound,
@@ -52,6 +51,8 @@ from tests.support.artifact_stores import (
     MlflowStack,
     StackRuns,
 )
+from tests.support.fake_sources import FlakySource, fake_files
+from tests.support.folders import leftovers, visible
 from tests.support.processes import free_port
 
 pytestmark = pytest.mark.slow  # starts real servers or trains a model
@@ -223,7 +224,7 @@ def test_pull_through_the_artifact_proxy_lands_in_the_seed_layout_byte_for_byte(
     assert tree(artifacts) == expected
     assert result.downloaded_files == len(expected) and verify_pulled_run(result.run_dir)
     assert result.run_dir.stat().st_mode & 0o755 == 0o755
-    assert [p.name for p in (tmp_path / "models").iterdir()] == [run_id]
+    assert visible(tmp_path / "models") == [run_id]
 
 
 def test_pull_straight_from_s3_with_the_endpoint_and_keys(
@@ -351,7 +352,7 @@ def test_a_run_without_model_pt_is_reported_and_nothing_is_written(
 ) -> None:
     with pytest.raises(ArtifactNotFound, match=r"model/model\.pt"):
         pull_run_artifacts(stack_runs.no_model_run, tmp_path, proxy_store(mlflow_stack))
-    assert list(tmp_path.iterdir()) == []
+    assert leftovers(tmp_path) == []
 
 
 def test_wrong_or_missing_mlflow_credentials_are_refused(
@@ -374,7 +375,7 @@ def test_a_user_without_permission_on_the_experiment_gets_403(
     )
     with pytest.raises(TrackingAuthError, match=r"PERMISSION_DENIED|403"):
         pull_run_artifacts(stack_runs.auth_run, tmp_path, store)
-    assert list(tmp_path.iterdir()) == []
+    assert leftovers(tmp_path) == []
 
 
 def test_wrong_s3_keys_are_refused(
@@ -425,47 +426,6 @@ def test_a_destination_that_cannot_be_written_is_reported(
 # --- retries, integrity and parallelism, with an in-memory source -----------------------------
 
 
-class FlakySource:
-    """An artifact source that breaks off the first `failures` downloads of each file."""
-
-    description = "flaky"
-
-    def __init__(self, files: dict[str, bytes], failures: int = 0, short: bool = False) -> None:
-        self.files = files
-        self.failures = failures
-        self.short = short
-        self.calls: dict[str, int] = {}
-        self.active = 0
-        self.peak = 0
-        self.lock = threading.Lock()
-
-    def list_files(self) -> list[RemoteFile]:
-        return [RemoteFile(p, len(b)) for p, b in self.files.items()]
-
-    def download(self, path: str, out: BinaryIO, on_bytes: Any) -> None:
-        with self.lock:
-            self.calls[path] = self.calls.get(path, 0) + 1
-            self.active += 1
-            self.peak = max(self.peak, self.active)
-        try:
-            time.sleep(0.05)
-            body = self.files[path]
-            if self.calls[path] <= self.failures or self.short:
-                out.write(body[: len(body) // 2])
-                raise TransientError(path, StorageUnavailable("connection reset"))
-            out.write(body)
-            on_bytes(len(body))
-        finally:
-            with self.lock:
-                self.active -= 1
-
-
-def fake_files() -> dict[str, bytes]:
-    files = {f"extra/{i}.bin": bytes([i]) * (1000 + i) for i in range(6)}
-    files["model/model.pt"] = b"weights" * 100
-    return files
-
-
 def test_transient_download_errors_are_retried_with_backoff(tmp_path: Path) -> None:
     source = FlakySource(fake_files(), failures=2)
     files = source.list_files()
@@ -483,7 +443,7 @@ def test_a_file_that_keeps_arriving_short_fails_the_pull_and_leaves_nothing(
     source = FlakySource(fake_files(), short=True)
     with pytest.raises(StorageUnavailable):
         _sync_run("c" * 32, source.list_files(), source, tmp_path, workers=2, progress=False)
-    assert list(tmp_path.iterdir()) == []
+    assert leftovers(tmp_path) == []
 
 
 def test_a_size_mismatch_is_an_integrity_error(
@@ -494,7 +454,7 @@ def test_a_size_mismatch_is_an_integrity_error(
     files = [RemoteFile(f.path, f.size + 1) for f in source.list_files()]
     with pytest.raises(ArtifactIntegrityError, match="bytes"):
         _sync_run("d" * 32, files, source, tmp_path, workers=2, progress=False)
-    assert list(tmp_path.iterdir()) == []
+    assert leftovers(tmp_path) == []
 
 
 def test_files_download_in_parallel(tmp_path: Path) -> None:

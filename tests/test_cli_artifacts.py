@@ -34,6 +34,7 @@ from tests.support.artifact_stores import (
     MlflowStack,
     StackRuns,
 )
+from tests.support.folders import leftovers, visible
 from tests.support.processes import free_port
 
 pytestmark = pytest.mark.slow  # starts real servers or trains a model
@@ -249,7 +250,7 @@ def test_wrong_s3_keys_exit_9(
     env = {**s3_env(mlflow_stack), "AWS_SECRET_ACCESS_KEY": "wrong-secret"}
     result = invoke("pull", stack_runs.plain_run, "--dest", str(tmp_path), env=env)
     assert_one_line_error(result, 9, "AWS_SECRET_ACCESS_KEY")
-    assert list(tmp_path.iterdir()) == []
+    assert leftovers(tmp_path) == []
 
 
 def test_endpoints_that_do_not_answer_exit_with_the_timeout_they_waited(
@@ -320,7 +321,8 @@ def test_a_pull_killed_mid_way_leaves_no_model_and_the_next_pull_completes(
     blob = tmp_path / run_id / "artifacts" / "extra" / "blob.bin"
     assert blob.stat().st_size == stack_runs.big_artifact_size
     assert verify_pulled_run(tmp_path / run_id)
-    assert [p.name for p in tmp_path.iterdir()] == [run_id]
+    assert visible(tmp_path) == [run_id]
+    assert not list(tmp_path.glob(f".{run_id}.partial-*"))  # the killed pull's staging is gone
 
 
 def test_a_killed_repull_never_touches_the_model_already_in_place(
@@ -345,7 +347,7 @@ def test_a_killed_repull_never_touches_the_model_already_in_place(
 def test_pull_refuses_an_unknown_shell_before_touching_any_server(tmp_path: Path) -> None:
     result = invoke("pull", "a" * 32, "--shell", "fish", "--dest", str(tmp_path))
     assert result.exit_code == 2 and "fish" in result.stderr
-    assert list(tmp_path.iterdir()) == []
+    assert leftovers(tmp_path) == []
 
 
 def test_ctrl_c_during_a_pull_exits_130_and_cleans_up_its_staging_folder(
@@ -354,7 +356,7 @@ def test_ctrl_c_during_a_pull_exits_130_and_cleans_up_its_staging_folder(
     run_id = stack_runs.big_run
     process = start_pull(run_id, tmp_path, mlflow_stack.proxy.url)
     assert signal_once_writing(process, tmp_path, run_id, signal.SIGINT) == 130
-    assert list(tmp_path.iterdir()) == []
+    assert leftovers(tmp_path) == []
 
 
 def test_a_proxy_whose_s3_refuses_it_gives_one_line_and_leaves_nothing(

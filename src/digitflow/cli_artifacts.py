@@ -191,7 +191,8 @@ def pull_command(
             f"{result.run_dir} is complete and verified ({result.files} files); nothing downloaded",
             err=True,
         )
-    for line in export_lines(run_id, result.model_path.resolve(), shell):
+    # absolute, not resolved: the run's link stays valid across re-pulls, a version folder not
+    for line in export_lines(run_id, result.model_path.absolute(), shell):
         typer.echo(line)
 
 

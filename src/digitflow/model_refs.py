@@ -84,7 +84,7 @@ def _local_model(reference: str) -> ResolvedModel:
         candidates = [model_path(path), path / MODEL_ARTIFACT, path / "model.pt"]
     for candidate in candidates:
         if candidate.is_file() and candidate.stat().st_size > 0:
-            resolved = candidate.resolve()
+            resolved = candidate.absolute()  # keep `<run uuid>/...`: the link, not its target
             folder = next((p for p in resolved.parents if is_run_id(p.name)), None)
             manifest = folder / MANIFEST_NAME if folder else None
             if manifest and manifest.is_file() and not verify_pulled_run(manifest.parent):
@@ -116,11 +116,11 @@ def resolve_model(reference: str, models_dir: Path, store: StoreConfig) -> Resol
     run_id = resolve_run_id(reference, store, tracking)
     folder = run_dir(models_dir, run_id)
     if model_path(folder).is_file() and verify_pulled_run(folder):
-        return ResolvedModel(run_id=run_id, model_path=model_path(folder).resolve())
+        return ResolvedModel(run_id=run_id, model_path=model_path(folder).absolute())
     result = pull_run_artifacts(run_id, models_dir, store, tracking=tracking)
     if not verify_pulled_run(result.run_dir):
         raise ArtifactIntegrityError(f"the pulled copy of run {run_id} does not verify")
-    return ResolvedModel(run_id=run_id, model_path=result.model_path.resolve())
+    return ResolvedModel(run_id=run_id, model_path=result.model_path.absolute())
 
 
 @dataclass(frozen=True)

@@ -15,7 +15,6 @@ import json
 import logging
 import os
 import shutil
-import tempfile
 import threading
 import time
 import urllib.parse
@@ -36,13 +35,13 @@ from digitflow.artifact_sources import (
     TransientError,
     copy_file,
 )
-from digitflow.atomic import replace_folder, write_text_atomically
+from digitflow.atomic import write_text_atomically
 from digitflow.errors import (
     ArtifactIntegrityError,
     ArtifactNotFound,
-    DestinationNotWritable,
     UnsupportedArtifactLocation,
 )
+from digitflow.pulled_runs import publish, remove_stale_staging, run_lock, staging_dir
 from digitflow.run_layout import CONFIG_ARTIFACT, MANIFEST_NAME, MODEL_ARTIFACT
 from digitflow.settings import StoreConfig
 from digitflow.tracking import Tracking
@@ -176,56 +175,8 @@ def _local_copy_matches(run_dir: Path, remote: RemoteFile, manifest: Mapping[str
         return False
 
 
-STALE_AFTER_SECONDS = 24 * 3600
-
-
 class PullCancelled(Exception):
     """Raised inside a download thread once another download has failed or Ctrl-C was pressed."""
-
-
-def _staging_is_stale(path: Path, pid: int | None) -> bool:
-    """A staging folder is stale when its pull's process is gone (or, on Windows, after a day)."""
-    if pid == os.getpid():
-        return False
-    if os.name == "nt" or pid is None:
-        try:
-            return time.time() - path.stat().st_mtime > STALE_AFTER_SECONDS
-        except OSError:
-            return False
-    return not _pid_alive(pid)
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
-def _remove_stale_staging(dest: Path, run_id: str) -> None:
-    """Remove staging folders of this run left by pulls that were killed."""
-    for leftover in dest.glob(f".{run_id}.*"):
-        parts = leftover.name.split(".")[2].split("-")
-        pid = int(parts[1]) if len(parts) > 1 and parts[1].isdigit() else None
-        if not _staging_is_stale(leftover, pid):
-            continue
-        logger.info("removing %s left by an interrupted pull", leftover.name)
-        shutil.rmtree(leftover, ignore_errors=True)
-
-
-def _staging_dir(dest: Path, run_id: str) -> Path:
-    try:
-        dest.mkdir(parents=True, exist_ok=True)
-        staging = Path(tempfile.mkdtemp(prefix=f".{run_id}.partial-{os.getpid()}-", dir=dest))
-        staging.chmod(0o755)  # mkdtemp's 0700 would hide the model from a server's other user
-        return staging
-    except OSError as exc:
-        raise DestinationNotWritable(
-            f"cannot write to {dest} ({exc.strerror or exc.__class__.__name__})"
-        ) from None
 
 
 def _download_one(
@@ -295,10 +246,23 @@ def _sync_run(
         parts = PurePosixPath(remote.path).parts
         if not parts or remote.path.startswith(("/", "\\")) or ".." in parts or "\\" in remote.path:
             raise ArtifactIntegrityError(f"refusing artifact path {remote.path!r}: outside the run")
+    with run_lock(dest, run_id):
+        return _sync_locked(run_id, files, source, dest, workers, progress, started)
+
+
+def _sync_locked(
+    run_id: str,
+    files: Sequence[RemoteFile],
+    source: ArtifactSource,
+    dest: Path,
+    workers: int,
+    progress: bool,
+    started: float,
+) -> PullResult:
     run_dir = dest / run_id
-    staging = _staging_dir(dest, run_id)
+    staging = staging_dir(dest, run_id)
     try:
-        _remove_stale_staging(dest, run_id)
+        remove_stale_staging(dest, run_id)
         manifest = read_manifest(run_dir)
         kept = [f for f in files if _local_copy_matches(run_dir, f, manifest)]
         missing = [f for f in files if f not in kept]
@@ -346,7 +310,7 @@ def _sync_run(
         write_text_atomically(
             staging / MANIFEST_NAME, json.dumps({"run_id": run_id, "files": manifest_entries})
         )
-        replace_folder(staging, run_dir)
+        publish(staging, dest, run_id)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise

@@ -11,8 +11,11 @@ import asyncio
 import contextlib
 import gc
 import logging
+import os
+import sys
 from collections.abc import AsyncIterator, Callable
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
+from typing import NoReturn
 
 from fastapi import FastAPI
 
@@ -78,9 +81,23 @@ def _load(settings: Settings, given: Classifier | None) -> tuple[Classifier, Rea
         logger.error("not ready: %s", exc)
         return Readiness.self_test_failed(settings.PRED_MODEL_UUID, str(exc))
     except DigitflowError as exc:
-        logger.error("start-up failed: %s", exc)
-        raise SystemExit(f"start-up failed: {exc}") from None
+        stop_worker_at_boot(f"start-up failed: {exc}")
     return classifier, Readiness.serving(served.model_uuid, report)
+
+
+WORKER_BOOT_ERROR = 3  # gunicorn's exit code for "worker failed to boot": the master stops too
+
+
+def stop_worker_at_boot(message: str) -> NoReturn:
+    """End this worker with one line on stderr and gunicorn's boot-error code.
+
+    Raising out of the lifespan instead makes Starlette and uvicorn log the whole traceback
+    (about 40 lines) for a cause the message already names; nothing needs cleaning up yet.
+    """
+    logger.error(message)
+    sys.stderr.write(message + "\n")
+    sys.stderr.flush()
+    os._exit(WORKER_BOOT_ERROR)
 
 
 def _freeze_start_up_objects() -> None:
