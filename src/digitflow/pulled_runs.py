@@ -5,9 +5,9 @@
 (`.<run uuid>.partial-<pid>-*`), renamed to a version name, and published by replacing the link
 in one `rename`: a reader opening `<run uuid>/artifacts/model/model.pt` finds the old copy or the
 new one, whole, never a gap or a manifest from one and a file from the other. The two versions
-before the published one are kept, so a reader that resolved an older link can still open it. A lock file
-(`.<run uuid>.lock`, `flock`) makes concurrent pulls of one run take turns: the second finds the
-first's copy complete and downloads nothing.
+before the published one are kept, so a reader that resolved an older link can still open it.
+A lock file (`.<run uuid>.lock`, `flock`) makes concurrent pulls of one run take turns: the second
+finds the first's copy complete and downloads nothing.
 """
 
 from __future__ import annotations
