@@ -187,3 +187,19 @@ def test_a_golden_mismatch_keeps_the_worker_up_but_unready(
     assert answer.status_code == 503 and "golden self-test" in answer.json()["detail"]
     assert alive.status_code == 200
     assert "1/20 images disagree" in server.log()
+
+
+def test_the_seed_command_opens_no_shared_control_socket(
+    trained_model: TrainedModel, tmp_path: Path
+) -> None:
+    # gunicorn's default control socket is one path per user: two servers would share it.
+    home = tmp_path / "home"
+    home.mkdir()
+    env = {"PRED_MODEL_PATH": str(trained_model.model_path), "HOME": str(home)}
+    env["XDG_RUNTIME_DIR"] = str(tmp_path / "runtime")
+    (tmp_path / "runtime").mkdir()
+    server = start_gunicorn(tmp_path / "g.log", env, workers=1)
+    with running(server, "/ready", timeout=120):
+        assert httpx.get(server.url + "/health", timeout=10).status_code == 200
+        sockets = list(home.rglob("*.ctl")) + list((tmp_path / "runtime").rglob("*.ctl"))
+    assert sockets == []

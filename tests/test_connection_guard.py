@@ -201,3 +201,32 @@ def test_connections_over_the_per_worker_cap_get_503_with_retry_after(
         for sock in socks:
             sock.close()
     assert httpx.get(server.url + "/health", timeout=10).status_code == 200
+
+
+def test_a_client_gone_mid_upload_is_counted_499_without_a_traceback(
+    server: ServerProcess,
+) -> None:
+    with connect(server) as sock:
+        sock.sendall(
+            b"POST /api/v1/model/predict HTTP/1.1\r\nHost: x\r\nContent-Length: 5000\r\n"
+            b"Content-Type: multipart/form-data; boundary=b\r\n\r\n--b\r\n"
+        )
+        time.sleep(0.3)
+    deadline = time.monotonic() + 10
+    text = ""
+    while time.monotonic() < deadline and 'status="499"' not in text:
+        time.sleep(0.5)
+        text = httpx.get(server.url + "/metrics", timeout=10).text
+    assert 'digitflow_predict_requests_total{status="499"}' in text
+    assert "Traceback" not in server.log()
+
+
+def test_a_content_type_that_is_not_utf8_gets_415(server: ServerProcess) -> None:
+    with connect(server) as sock:
+        sock.sendall(
+            b"POST /api/v1/model/predict HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\n"
+            b"Content-Type: t\xe9xt/pl\xffin\r\nConnection: close\r\n\r\nab"
+        )
+        status, body = status_and_body(read_until_closed(sock, timeout=10))
+    assert status == 415
+    assert "multipart/form-data" in str(body["detail"])

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import threading
 from pathlib import Path
 
 from digitflow_fastapi import metrics
@@ -36,3 +38,19 @@ def test_snapshots_of_all_workers_are_added_up(tmp_path: Path) -> None:
     text = metrics.render(tmp_path, own=metrics.WorkerMetrics())
     assert 'digitflow_predict_requests_total{status="200"} 7' in text
     assert "digitflow_predicted_images_total 14" in text
+
+
+def test_a_fifo_in_the_metrics_folder_does_not_block_a_scrape(tmp_path: Path) -> None:
+    worker = metrics.WorkerMetrics()
+    worker.observe_request(200, 0.01)
+    (tmp_path / "worker-21.json").write_text(json.dumps(worker.snapshot()))
+    os.mkfifo(tmp_path / "worker-22.json")  # a reader would wait for a writer forever
+    result: list[str] = []
+    scrape = threading.Thread(
+        target=lambda: result.append(metrics.render(tmp_path, own=metrics.WorkerMetrics())),
+        daemon=True,
+    )
+    scrape.start()
+    scrape.join(timeout=10)
+    assert result, "the scrape blocked on the FIFO"
+    assert 'digitflow_predict_requests_total{status="200"} 1' in result[0]

@@ -8,6 +8,7 @@ retrying.
 
 from __future__ import annotations
 
+import os
 import shutil
 import time
 import urllib.parse
@@ -324,14 +325,19 @@ class LocalSource:
     def list_files(self) -> list[RemoteFile]:
         if not self.root.is_dir():
             raise ArtifactNotFound(f"artifact folder {self.root} does not exist on this machine")
+        # Links are skipped: a link in a store could point anywhere on this machine.
         return [
             RemoteFile(p.relative_to(self.root).as_posix(), p.stat().st_size)
             for p in sorted(self.root.rglob("*"))
-            if p.is_file()
+            if p.is_file() and not p.is_symlink()
         ]
 
     def download(self, path: str, out: BinaryIO, on_bytes: OnBytes) -> None:
-        with (self.root / path).open("rb") as source:
+        try:
+            fd = os.open(self.root / path, os.O_RDONLY | os.O_NOFOLLOW)
+        except OSError as exc:
+            raise ArtifactNotFound(f"{self.root / path}: {exc.strerror}") from None
+        with os.fdopen(fd, "rb") as source:
             while chunk := source.read(CHUNK_SIZE):
                 out.write(chunk)
                 on_bytes(len(chunk))

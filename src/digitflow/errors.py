@@ -6,11 +6,23 @@ distinct exit code (`exit_code`), so neither ever shows a traceback for a known 
 
 from __future__ import annotations
 
+import re
+
+_URL_CREDENTIALS = re.compile(r"(?P<scheme>[A-Za-z][A-Za-z0-9+.-]*://)[^/\s@]+@")
+
+
+def redact_credentials(text: str) -> str:
+    """`http://user:secret@host` → `http://***@host` wherever a URL with userinfo appears."""
+    return _URL_CREDENTIALS.sub(r"\g<scheme>***@", text)
+
 
 class DigitflowError(Exception):
-    """Base of every error digitflow raises on purpose."""
+    """Base of every error digitflow raises on purpose; its text never shows URL credentials."""
 
     exit_code: int = 1
+
+    def __str__(self) -> str:
+        return redact_credentials(super().__str__())
 
 
 class ConfigError(DigitflowError):

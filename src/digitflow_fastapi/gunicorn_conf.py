@@ -30,9 +30,13 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-__all__ = ["on_exit", "on_starting", "post_worker_init", "reuse_port"]
+__all__ = ["control_socket_disable", "on_exit", "on_starting", "post_worker_init", "reuse_port"]
 
 reuse_port = True
+# gunicorn >= 25 opens a control socket at one path per user ($XDG_RUNTIME_DIR or ~/.gunicorn):
+# two servers of one user would share it, and the second's exit deletes the first's. Signals
+# (TERM, HUP, TTIN/TTOU) do the same job per master.
+control_socket_disable = True
 
 _made_metrics_dir: Path | None = None  # set in the master when it creates the folder
 

@@ -14,6 +14,7 @@ import asyncio
 import contextlib
 import json
 import os
+import stat
 from bisect import bisect_left
 from collections import Counter
 from pathlib import Path
@@ -107,8 +108,19 @@ def collect(folder: Path | None, own: WorkerMetrics = METRICS) -> dict[str, Any]
     total = WorkerMetrics().snapshot()
     for path in folder.glob("worker-*.json"):
         with contextlib.suppress(OSError, ValueError):
-            _add(total, json.loads(path.read_text()))
+            snapshot = _read_regular_file(path)
+            if snapshot is not None:
+                _add(total, json.loads(snapshot))
     return total
+
+
+def _read_regular_file(path: Path) -> bytes | None:
+    """The file's bytes; None for anything but a regular file (a FIFO would block the scrape)."""
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOFOLLOW)
+    with os.fdopen(fd, "rb") as handle:
+        if not stat.S_ISREG(os.fstat(handle.fileno()).st_mode):
+            return None
+        return handle.read(1 << 20)
 
 
 def _histogram_lines(name: str, bounds: tuple[float, ...], data: dict[str, Any]) -> list[str]:

@@ -1,0 +1,85 @@
+"""The ONNX export cache: private to this user, never through links, rebuilt when damaged."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+from digitflow.checkpoint import save_checkpoint
+from digitflow.inference import Classifier
+from digitflow.model import Net
+from digitflow.onnx_export import export_name, private_folder, read_cached
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """An untrained Net in the template's checkpoint format (no training needed here)."""
+    torch.manual_seed(0)
+    model = Net()
+    path = tmp_path_factory.mktemp("ckpt") / "model.pt"
+    save_checkpoint(path, model, torch.optim.Adadelta(model.parameters()), 1, 0.0, 0.0)
+    return path
+
+
+def test_the_cache_folder_is_created_private(tmp_path: Path) -> None:
+    folder = private_folder(tmp_path / "cache")
+    assert folder == tmp_path / "cache" / "onnx"
+    assert folder.stat().st_mode & 0o777 == 0o700
+
+
+def test_a_cache_folder_open_to_others_or_a_link_is_not_used(tmp_path: Path) -> None:
+    shared = tmp_path / "shared" / "onnx"
+    shared.mkdir(parents=True, mode=0o777)
+    shared.chmod(0o777)
+    assert private_folder(tmp_path / "shared") is None
+    (tmp_path / "elsewhere").mkdir(mode=0o700)
+    (tmp_path / "linked").mkdir()
+    (tmp_path / "linked" / "onnx").symlink_to(tmp_path / "elsewhere")
+    assert private_folder(tmp_path / "linked") is None
+
+
+@pytest.mark.skipif(os.getuid() != 0, reason="needs root to make a folder owned by another user")
+def test_a_cache_folder_owned_by_another_user_is_not_used(tmp_path: Path) -> None:
+    theirs = tmp_path / "theirs" / "onnx"
+    theirs.mkdir(parents=True, mode=0o700)
+    os.chown(theirs, 65534, 65534)
+    assert private_folder(tmp_path / "theirs") is None
+
+
+def test_a_planted_link_in_place_of_an_export_is_not_loaded(
+    checkpoint: Path, tmp_path: Path
+) -> None:
+    folder = private_folder(tmp_path / "cache")
+    assert folder is not None
+    planted = tmp_path / "planted.onnx"
+    planted.write_bytes(b"someone else's model")
+    (folder / export_name(checkpoint)).symlink_to(planted)
+    assert read_cached(folder, export_name(checkpoint)) is None
+    classifier = Classifier.from_checkpoint(
+        checkpoint, backend="onnx", cache_dir=tmp_path / "cache"
+    )
+    assert classifier.backend == "onnx"
+    assert planted.read_bytes() == b"someone else's model"  # written through, never followed
+
+
+@pytest.mark.parametrize("damage", [b"", b"not an onnx model"])
+def test_an_empty_or_corrupt_export_is_rebuilt(
+    checkpoint: Path, tmp_path: Path, damage: bytes
+) -> None:
+    cache = tmp_path / "cache"
+    first = Classifier.from_checkpoint(checkpoint, backend="onnx", cache_dir=cache)
+    export = cache / "onnx" / export_name(checkpoint)
+    good = export.read_bytes()
+    export.write_bytes(damage)
+    again = Classifier.from_checkpoint(checkpoint, backend="onnx", cache_dir=cache)
+    assert export.read_bytes() == good
+    sample = torch.rand(3, 28, 28).numpy()
+    assert [p.label for p in again.predict(sample)] == [p.label for p in first.predict(sample)]
+
+
+def test_without_a_cache_folder_the_export_stays_in_memory(checkpoint: Path) -> None:
+    classifier = Classifier.from_checkpoint(checkpoint, backend="onnx", cache_dir=None)
+    assert classifier.backend == "onnx"
