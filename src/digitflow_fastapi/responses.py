@@ -5,13 +5,14 @@ from __future__ import annotations
 from typing import Any
 
 import orjson
-from starlette.responses import Response
+from starlette.responses import JSONResponse
 
 
-class OrjsonResponse(Response):
-    """`application/json` body serialised by orjson."""
+class OrjsonResponse(JSONResponse):
+    """`application/json` body serialised by orjson.
 
-    media_type = "application/json"
+    A `JSONResponse` subclass so FastAPI documents routes by their `response_model`.
+    """
 
     def render(self, content: Any) -> bytes:
         return orjson.dumps(content)

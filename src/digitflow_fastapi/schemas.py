@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Literal
+
 from pydantic import BaseModel, Field
 
 
@@ -27,3 +29,20 @@ class VersionResponse(BaseModel):
 
 class ErrorResponse(BaseModel):
     detail: str = Field(examples=["image_file 'x.txt': not an image (unrecognised bytes)"])
+
+
+class HealthStatus(BaseModel):
+    status: Literal["ok"]
+
+
+class ReadyStatus(BaseModel):
+    """`/ready`: what this worker loaded and checked (unset fields are left out)."""
+
+    ready: bool
+    model_loaded: bool
+    model_uuid: str | None = None
+    self_test: Literal["passed", "failed"] | None = None
+    detail: str | None = Field(default=None, description="Why the self-test failed")
+    warmed_up: bool | None = None
+    golden_checked: int | None = None
+    golden_file: str | None = None
