@@ -219,8 +219,8 @@ async def answer_infer(request: Request, name: str, version: str | None) -> Resp
             raise RequestError(400, "compressed request bodies are not supported")
         body = await read_body(request, settings.MAX_UPLOAD_BYTES)
         document, binary = split_body(body, request.headers.get(HEADER_LENGTH))
-        batch = await input_batch(document, binary, settings)
         requested = requested_outputs(document)
+        batch = await input_batch(document, binary, settings)
         predictions = await predict_batch(request, batch)
     except RequestError as exc:
         return _problem(exc)
