@@ -13,7 +13,6 @@
   let drawing = false;
   let hasInk = false;
   let last = null;
-  let drawings = 0;
 
   // --- drawing: pointer events cover mouse, touch and pen -------------------------------------
   function point(event) {
@@ -128,15 +127,14 @@
     statusLine.textContent = text;
   }
 
-  function plainError(status, detail, name) {
+  function plainError(status, name) {
     const quoted = `“${name}”`;
-    const why = detail ? ` (${detail})` : "";
-    if (status === 415) return `${quoted} is not an image the model can read. Use a PNG, JPEG, WebP, BMP or GIF file${why}.`;
-    if (status === 413) return `${quoted} is too large for the server${why}.`;
-    if (status === 400) return `${quoted} could not be read as an image${why}.`;
+    if (status === 415) return `${quoted} is not an image the model can read. Use a PNG, JPEG, WebP, BMP or GIF file.`;
+    if (status === 413) return `${quoted} is too large for the server.`;
+    if (status === 400) return `${quoted} could not be read as an image: it may be damaged or empty.`;
     if (status === 503) return "The model is still loading. Try again in a moment.";
     if (status === 0) return `Could not reach the server to send ${quoted}. Is it running?`;
-    return `The server could not predict ${quoted} (HTTP ${status})${why}.`;
+    return `The server could not predict ${quoted} (HTTP ${status}).`;
   }
 
   async function send(file, source) {
@@ -150,7 +148,7 @@
         body: form,
       });
     } catch (err) {
-      showError(item, plainError(0, "", file.name));
+      showError(item, plainError(0, file.name), "");
       return;
     }
     let body = null;
@@ -161,7 +159,7 @@
     }
     if (!response.ok || !body || !Array.isArray(body.data)) {
       const detail = body && typeof body.detail === "string" ? body.detail : "";
-      showError(item, plainError(response.status, detail, file.name));
+      showError(item, plainError(response.status, file.name), detail);
       return;
     }
     showPrediction(item, body.data[0]);
@@ -171,7 +169,6 @@
     if (source === "drawing") {
       const old = results.querySelector("li[data-source='drawing']");
       if (old) old.remove();
-      drawings += 1;
     }
     const item = template.content.firstElementChild.cloneNode(true);
     item.dataset.source = source;
@@ -182,11 +179,17 @@
     return item;
   }
 
-  function showError(item, message) {
+  function showError(item, message, detail) {
     item.dataset.state = "error";
-    item.querySelector(".result-body").replaceWith(
-      Object.assign(document.createElement("p"), { className: "error", textContent: message })
-    );
+    const box = document.createElement("div");
+    box.className = "error";
+    box.append(Object.assign(document.createElement("p"), { textContent: message }));
+    if (detail) {
+      const why = Object.assign(document.createElement("p"), { className: "detail" });
+      why.textContent = `Server said: ${detail}`;
+      box.append(why);
+    }
+    item.querySelector(".result-body").replaceWith(box);
     item.setAttribute("role", "alert");
     setStatus(message);
   }
