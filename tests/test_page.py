@@ -7,9 +7,12 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
+import numpy as np
 import pytest
+from PIL import Image
 from playwright.sync_api import Browser, Page, sync_playwright
 
+from digitflow.preprocess import bytes_to_input
 from tests.support.gunicorn_server import TrainedModel, serve
 from tests.support.processes import ServerProcess
 
@@ -23,13 +26,15 @@ CHROMIUM_ARGS = [
     "--no-first-run",
 ]
 PREDICT = "/api/v1/model/predict"
+MAX_PIXELS = 1_000_000
 
 
 @pytest.fixture(scope="module")
 def server(
     trained_model: TrainedModel, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[ServerProcess]:
-    yield from serve(tmp_path_factory.mktemp("page") / "gunicorn.log", trained_model)
+    log = tmp_path_factory.mktemp("page") / "gunicorn.log"
+    yield from serve(log, trained_model, {"MAX_IMAGE_PIXELS": str(MAX_PIXELS)})
 
 
 @pytest.fixture(scope="module")
@@ -162,6 +167,19 @@ def test_an_uploaded_text_file_shows_the_error_in_plain_words(page: Page, tmp_pa
     assert "notes.txt" in page.locator("#status").inner_text()
 
 
+def test_an_image_over_the_pixel_limit_shows_that_it_is_too_large(
+    page: Page, tmp_path: Path
+) -> None:
+    big = tmp_path / "poster.png"
+    Image.new("L", (1500, 1000), 255).save(big)  # 1.5 megapixels, a few kB
+    page.set_input_files("#files", str(big))
+    error = page.locator("li[data-source='upload'][data-state='error'] .error")
+    error.wait_for(timeout=30_000)
+    page.screenshot(path=tmp_path / "too-large-error.png", full_page=True)
+    assert "“poster.png” is too large for the server." in error.inner_text()
+    assert f"the limit is {MAX_PIXELS}" in error.inner_text()
+
+
 def test_the_footer_names_the_model_and_version_and_links_to_the_docs(
     page: Page, trained_model: TrainedModel
 ) -> None:
@@ -189,3 +207,21 @@ def test_the_page_fits_a_phone_screen_and_the_file_picker_opens_from_the_keyboar
         assert chooser.value.is_multiple()
     finally:
         context.close()
+
+
+def test_explain_returns_the_28x28_input_the_model_saw_and_a_bad_flag_is_a_422(
+    server: ServerProcess, test_pngs: list[tuple[Path, int]]
+) -> None:
+    path = test_pngs[0][0]
+    files = {"image_file": (path.name, path.read_bytes(), "image/png")}
+    r = httpx.post(server.url + PREDICT, params={"explain": "true"}, files=files, timeout=30)
+    assert r.status_code == 200
+    item = r.json()["data"][0]
+    grid = np.array(item["model_input"])
+    assert grid.shape == (28, 28)
+    np.testing.assert_allclose(grid, bytes_to_input(path.read_bytes()), atol=5e-4)
+    plain = httpx.post(server.url + PREDICT, files=files, timeout=30).json()["data"][0]
+    assert "model_input" not in plain and plain["prediction"] == item["prediction"]
+    bad = httpx.post(server.url + PREDICT, params={"explain": "maybe"}, files=files, timeout=30)
+    assert bad.status_code == 422
+    assert bad.json()["detail"] == "query.explain: not a boolean: 'maybe'"

@@ -83,14 +83,27 @@ def mlflow_error(exc: RequestError) -> OrjsonResponse:
     return OrjsonResponse(body, status_code=exc.status_code)
 
 
-@router.get("/ping", summary="MLflow health check", response_class=PlainTextResponse)
+@router.get(
+    "/ping",
+    summary="MLflow health check",
+    response_class=PlainTextResponse,
+    responses={
+        200: {"content": {"text/plain": {"example": "\n"}}},
+        503: {"description": "Model not loaded yet"},
+    },
+)
 async def ping(request: Request) -> Response:
     """200 with an empty line once the model is loaded (as MLflow's server); 503 before."""
     ready = bool(request.app.state.readiness.ready)
     return PlainTextResponse("\n", status_code=200 if ready else 503)
 
 
-@router.get("/version", summary="Server version (MLflow-style)", response_class=PlainTextResponse)
+@router.get(
+    "/version",
+    summary="Server version (MLflow-style)",
+    response_class=PlainTextResponse,
+    responses={200: {"content": {"text/plain": {"example": "0.1.0"}}}},
+)
 async def version() -> Response:
     """The digitflow version, as plain text (MLflow's server answers its own version here)."""
     return PlainTextResponse(package_version("digitflow"))

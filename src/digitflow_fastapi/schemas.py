@@ -55,22 +55,22 @@ class OipServerMetadata(BaseModel):
 
 
 class OipLive(BaseModel):
-    live: bool
+    live: bool = Field(examples=[True])
 
 
 class OipReady(BaseModel):
-    ready: bool
+    ready: bool = Field(examples=[True])
 
 
 class OipModelReady(BaseModel):
     name: str = Field(examples=["mnist"])
-    ready: bool
+    ready: bool = Field(examples=[True])
 
 
 class OipTensorMetadata(BaseModel):
-    name: str
-    datatype: str
-    shape: list[int]
+    name: str = Field(examples=["pixels"])
+    datatype: str = Field(examples=["FP32"])
+    shape: list[int] = Field(examples=[[-1, 1, 28, 28]])
 
 
 class OipModelMetadata(BaseModel):

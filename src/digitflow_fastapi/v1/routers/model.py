@@ -153,7 +153,7 @@ async def answer_predict(
     predictions = await service.batcher.predict(np.stack(inputs))  # float32 already
     metrics.METRICS.images += len(predictions)
     data: list[dict[str, Any]] = []
-    for index, (part, pred) in enumerate(zip(files, predictions, strict=True)):
+    for part, pred, image in zip(files, predictions, inputs, strict=True):
         item: dict[str, Any] = {
             "image_filename": part.filename or "",
             "prediction": str(pred.label),
@@ -161,7 +161,7 @@ async def answer_predict(
         if probabilities:
             item["probabilities"] = list(pred.probabilities)
         if explain:
-            item["model_input"] = model_input_grid(inputs[index])
+            item["model_input"] = model_input_grid(image)
         data.append(item)
     return OrjsonResponse({"data": data})
 
