@@ -21,6 +21,8 @@ from tests.support.processes import ServerProcess
 
 PREDICT = "/api/v1/model/predict"
 
+pytestmark = pytest.mark.slow  # starts a real server and trains a model
+
 
 @pytest.fixture(scope="module")
 def server(

@@ -19,6 +19,8 @@ from tests.support.gunicorn_server import TrainedModel, serve
 from tests.support.processes import ServerProcess
 
 PREDICT = "/api/v1/model/predict"
+
+pytestmark = pytest.mark.slow  # starts a real server and trains a model
 BATCH = 64
 
 

@@ -26,6 +26,8 @@ CHROMIUM_ARGS = [
     "--no-first-run",
 ]
 PREDICT = "/api/v1/model/predict"
+
+pytestmark = pytest.mark.slow  # starts a real server and trains a model
 MAX_PIXELS = 1_000_000
 
 
