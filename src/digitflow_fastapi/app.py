@@ -33,10 +33,15 @@ from digitflow_fastapi.deps import ModelService
 from digitflow_fastapi.docs import install_docs
 from digitflow_fastapi.errors import install_error_handlers
 from digitflow_fastapi.health import router as health_router
+from digitflow_fastapi.mlflow_scoring import INVOCATIONS, invocations_lean
+from digitflow_fastapi.mlflow_scoring import router as mlflow_router
+from digitflow_fastapi.page import install_page
 from digitflow_fastapi.readiness import NOT_LOADED, Readiness
 from digitflow_fastapi.responses import OrjsonResponse
 from digitflow_fastapi.v1.routers.model import predict_lean
 from digitflow_fastapi.v1.routers.model import router as model_router
+from digitflow_fastapi.v2.oip import lean_infer_for
+from digitflow_fastapi.v2.oip import router as oip_router
 
 logger = logging.getLogger(__name__)
 
@@ -152,7 +157,11 @@ def create_app(settings: Settings | None = None, classifier: Classifier | None =
     conf = settings or get_settings()
     predict_path = f"{conf.API_V1_STR}/model/predict"
     app = LeanFastAPI(
-        {predict_path: predict_lean},
+        {
+            predict_path: predict_lean,
+            f"/v2/models/{conf.OIP_MODEL_NAME}/infer": lean_infer_for(conf),
+            INVOCATIONS: invocations_lean,
+        },
         max_body_bytes=conf.MAX_UPLOAD_BYTES,
         max_in_flight=conf.MAX_IN_FLIGHT_PER_WORKER,
         title=conf.API_NAME,
@@ -169,4 +178,7 @@ def create_app(settings: Settings | None = None, classifier: Classifier | None =
     install_docs(app)
     app.include_router(health_router)
     app.include_router(model_router, prefix=conf.API_V1_STR)
+    app.include_router(oip_router)
+    app.include_router(mlflow_router)
+    install_page(app)
     return app

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from pydantic import (
+    Field,
     NonNegativeFloat,
     PositiveFloat,
     PositiveInt,
@@ -48,6 +49,7 @@ class Settings(ModelSettings):
     MAX_BATCH_WAIT_MS: NonNegativeFloat = 0.0
     WEB_CONCURRENCY: PositiveInt = 1
     DIGITFLOW_METRICS_DIR: Path | None = None
+    OIP_MODEL_NAME: str = Field(default="mnist", pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 
     @field_validator("DIGITFLOW_METRICS_DIR", mode="before")
     @classmethod

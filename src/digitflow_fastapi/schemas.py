@@ -46,3 +46,88 @@ class ReadyStatus(BaseModel):
     warmed_up: bool | None = None
     golden_checked: int | None = None
     golden_file: str | None = None
+
+
+class ExplainedPredictionItem(PredictionItem):
+    model_input: list[list[float]] | None = Field(
+        default=None,
+        description="The 28×28 input the model saw (rows of values in 0–1, light digit on "
+        "dark), only with ?explain=true",
+    )
+
+
+class ExplainedPredictResponse(BaseModel):
+    data: list[ExplainedPredictionItem]
+
+
+# --- Open Inference Protocol v2 (KServe / Triton) ---------------------------------------------
+
+
+class OipError(BaseModel):
+    error: str = Field(examples=["unknown model 'resnet'; this server serves 'mnist'"])
+
+
+class OipServerMetadata(BaseModel):
+    name: str = Field(examples=["digitflow"])
+    version: str = Field(examples=["0.1.0"])
+    extensions: list[str] = Field(examples=[["binary_tensor_data"]])
+
+
+class OipLive(BaseModel):
+    live: bool = Field(examples=[True])
+
+
+class OipReady(BaseModel):
+    ready: bool = Field(examples=[True])
+
+
+class OipModelReady(BaseModel):
+    name: str = Field(examples=["mnist"])
+    ready: bool = Field(examples=[True])
+
+
+class OipTensorMetadata(BaseModel):
+    name: str = Field(examples=["pixels"])
+    datatype: str = Field(examples=["FP32"])
+    shape: list[int] = Field(examples=[[-1, 1, 28, 28]])
+
+
+class OipModelMetadata(BaseModel):
+    name: str = Field(examples=["mnist"])
+    versions: list[str] = Field(examples=[["3f2c0e1b9d8a4c7e8f6a5b4c3d2e1f00"]])
+    platform: str = Field(examples=["digitflow"])
+    inputs: list[OipTensorMetadata]
+    outputs: list[OipTensorMetadata]
+
+
+class OipOutputTensor(BaseModel):
+    name: str
+    datatype: str
+    shape: list[int]
+    data: list[float] | None = None
+    parameters: dict[str, object] | None = None
+
+
+class OipInferResponse(BaseModel):
+    model_name: str = Field(examples=["mnist"])
+    model_version: str = Field(examples=["3f2c0e1b9d8a4c7e8f6a5b4c3d2e1f00"])
+    id: str | None = None
+    outputs: list[OipOutputTensor]
+
+
+# --- MLflow scoring protocol ---------------------------------------------------------------------
+
+
+class MlflowPrediction(BaseModel):
+    prediction: int = Field(examples=[7])
+    probabilities: list[float] = Field(description="Class probabilities 0–9")
+
+
+class MlflowPredictions(BaseModel):
+    predictions: list[MlflowPrediction]
+
+
+class MlflowError(BaseModel):
+    error_code: str = Field(examples=["BAD_REQUEST"])
+    message: str = Field(examples=["inputs[0]: not base64"])
+    detail: str = Field(examples=["inputs[0]: not base64"])

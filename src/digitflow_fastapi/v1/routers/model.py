@@ -15,7 +15,7 @@ from digitflow_fastapi import metrics
 from digitflow_fastapi.deps import ModelService, get_app_settings, get_service
 from digitflow_fastapi.errors import RequestError, status_for
 from digitflow_fastapi.responses import OrjsonResponse
-from digitflow_fastapi.schemas import ErrorResponse, PredictResponse, VersionResponse
+from digitflow_fastapi.schemas import ErrorResponse, ExplainedPredictResponse, VersionResponse
 from digitflow_fastapi.uploads import read_multipart
 
 router = APIRouter(prefix="/model", tags=["model"])
@@ -56,7 +56,7 @@ _REQUEST_BODY: dict[str, Any] = {
 @router.post(
     "/predict",
     summary="Predict the digit in each uploaded image",
-    response_model=PredictResponse,
+    response_model=ExplainedPredictResponse,
     response_model_exclude_none=True,
     responses={
         200: {
@@ -75,6 +75,10 @@ async def predict(
     probabilities: Annotated[
         bool, Query(description="Add each image's class probabilities (0–9)")
     ] = False,
+    explain: Annotated[
+        bool,
+        Query(description="Add each image's `model_input`: the 28×28 grid the model saw (0–1)"),
+    ] = False,
 ) -> OrjsonResponse:
     """One entry per `image_file` part, in order; `prediction` is the digit as a string.
 
@@ -91,10 +95,10 @@ _FALSE = frozenset({"0", "false", "off", "no", "n", "f"})
 
 async def predict_lean(request: Request) -> OrjsonResponse:
     """The predict endpoint without FastAPI's dependency and validation layer."""
-    probabilities = False
-    if request.scope.get("query_string"):
-        probabilities = query_flag(request, "probabilities")
-    return await answer_predict(request, probabilities)
+    if not request.scope.get("query_string"):
+        return await answer_predict(request, False)
+    probabilities = query_flag(request, "probabilities")
+    return await answer_predict(request, probabilities, explain=query_flag(request, "explain"))
 
 
 def query_flag(request: Request, name: str) -> bool:
@@ -120,7 +124,9 @@ async def _to_input(data: bytes, max_pixels: int) -> npt.NDArray[np.float32]:
     return await run_in_threadpool(bytes_to_input, data, max_pixels=max_pixels)
 
 
-async def answer_predict(request: Request, probabilities: bool) -> OrjsonResponse:
+async def answer_predict(
+    request: Request, probabilities: bool, explain: bool = False
+) -> OrjsonResponse:
     """Read the upload, decode every image, predict them in one batch, answer the seed's shape."""
     service = await get_service(request)
     settings = await get_app_settings(request)
@@ -147,15 +153,23 @@ async def answer_predict(request: Request, probabilities: bool) -> OrjsonRespons
     predictions = await service.batcher.predict(np.stack(inputs))  # float32 already
     metrics.METRICS.images += len(predictions)
     data: list[dict[str, Any]] = []
-    for part, pred in zip(files, predictions, strict=True):
+    for part, pred, image in zip(files, predictions, inputs, strict=True):
         item: dict[str, Any] = {
             "image_filename": part.filename or "",
             "prediction": str(pred.label),
         }
         if probabilities:
             item["probabilities"] = list(pred.probabilities)
+        if explain:
+            item["model_input"] = model_input_grid(image)
         data.append(item)
     return OrjsonResponse({"data": data})
+
+
+def model_input_grid(image: npt.NDArray[np.float32]) -> list[list[float]]:
+    """The 28×28 input as rows of floats rounded to 3 places (small JSON, exact enough to draw)."""
+    rounded: list[list[float]] = np.round(image.astype(np.float64), 3).tolist()
+    return rounded
 
 
 @router.get(

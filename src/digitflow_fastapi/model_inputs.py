@@ -1,0 +1,109 @@
+"""Inputs shared by the v2 and MLflow routes: a capped body, images and pixel tensors → a batch.
+
+Both routes reach the model the way the seed route does: the same image decoder and preprocess
+(`digitflow.preprocess` via `_to_input`), the same size caps and the same per-worker batcher.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+from collections.abc import Callable, Sequence
+
+import numpy as np
+import numpy.typing as npt
+from starlette.requests import Request
+
+from digitflow.errors import InvalidImage
+from digitflow.inference import Prediction
+from digitflow_fastapi import metrics
+from digitflow_fastapi.deps import get_app_settings, get_service
+from digitflow_fastapi.errors import RequestError, status_for
+from digitflow_fastapi.v1.routers.model import _to_input
+
+FloatBatch = npt.NDArray[np.float32]
+
+
+async def read_body(request: Request, max_bytes: int) -> bytes:
+    """The whole body, refused with 413 as soon as it grows past `max_bytes` (chunked too)."""
+    received = bytearray()
+    async for chunk in request.stream():
+        received += chunk
+        if len(received) > max_bytes:
+            raise RequestError(413, f"request body exceeds MAX_UPLOAD_BYTES ({max_bytes})")
+    return bytes(received)
+
+
+def check_count(count: int, max_images: int) -> None:
+    """At least one image and at most MAX_FILES_PER_REQUEST, as on the seed route."""
+    if count == 0:
+        raise RequestError(400, "no images in the request")
+    if count > max_images:
+        raise RequestError(
+            413, f"{count} images in one request; at most {max_images} (MAX_FILES_PER_REQUEST)"
+        )
+
+
+def decode_base64(text: object, label: str) -> bytes:
+    """Strict base64 (standard alphabet, padding optional) → bytes, or a 400 naming `label`."""
+    if not isinstance(text, str):
+        raise RequestError(400, f"{label}: expected a base64 string, got {type(text).__name__}")
+    cleaned = "".join(text.split())
+    try:
+        return base64.b64decode(cleaned + "=" * (-len(cleaned) % 4), validate=True)
+    except (binascii.Error, ValueError):
+        raise RequestError(400, f"{label}: not valid base64") from None
+
+
+async def images_to_batch(
+    blobs: Sequence[bytes], max_pixels: int, label_of: Callable[[int], str]
+) -> FloatBatch:
+    """Encoded images → N×28×28 float32 through THE preprocess; errors name the image."""
+    inputs = []
+    for index, blob in enumerate(blobs):
+        try:
+            if not blob:
+                raise InvalidImage("the file is empty")
+            inputs.append(await _to_input(blob, max_pixels))
+        except InvalidImage as exc:
+            raise RequestError(status_for(exc), f"{label_of(index)}: {exc}") from exc
+    return np.stack(inputs)
+
+
+def pixels_to_batch(values: npt.ArrayLike, label: str) -> FloatBatch:
+    """Numbers already in the model's input space → N×28×28 float32, checked.
+
+    Accepts N×28×28, N×1×28×28 or N×784 (and one 28×28 image); values must be finite and in
+    [0, 1] (MNIST layout: light digit on a dark background).
+    """
+    try:
+        array = np.asarray(values, dtype=np.float32)
+    except (TypeError, ValueError) as exc:
+        raise RequestError(400, f"{label}: not a numeric array ({exc})") from None
+    if array.ndim == 2 and array.shape == (28, 28):
+        array = array[np.newaxis]
+    shape = tuple(array.shape)
+    valid = (
+        (array.ndim == 3 and shape[1:] == (28, 28))
+        or (array.ndim == 4 and shape[1:] == (1, 28, 28))
+        or (array.ndim == 2 and shape[1] == 784)
+    )
+    if not valid:
+        raise RequestError(
+            400, f"{label}: shape {list(shape)} is not [N,28,28], [N,1,28,28] or [N,784]"
+        )
+    if not np.isfinite(array).all():
+        raise RequestError(400, f"{label}: contains NaN or infinity")
+    if array.size and (array.min() < 0.0 or array.max() > 1.0):
+        raise RequestError(400, f"{label}: values must be in [0, 1] (scale 0–255 pixels by 1/255)")
+    return np.ascontiguousarray(array.reshape(-1, 28, 28))
+
+
+async def predict_batch(request: Request, batch: FloatBatch) -> list[Prediction]:
+    """One request's images through this worker's micro-batcher (503 before it is loaded)."""
+    service = await get_service(request)
+    settings = await get_app_settings(request)
+    check_count(len(batch), settings.MAX_FILES_PER_REQUEST)
+    predictions = await service.batcher.predict(batch)
+    metrics.METRICS.images += len(predictions)
+    return predictions
