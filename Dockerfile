@@ -1,0 +1,45 @@
+# digitflow's serving image. Built by `make image`, which first collects every wheel on the host
+# into build/wheelhouse (deps/ and app/); nothing here reaches a package index (--no-index).
+ARG BASE_IMAGE=python:3.11-slim
+
+FROM ${BASE_IMAGE} AS build
+# Dependencies first, in their own layer: a change to digitflow's code does not reinstall torch.
+COPY build/wheelhouse/deps /wheelhouse/deps
+RUN python -m venv /opt/venv \
+    && /opt/venv/bin/python -m pip install --no-cache-dir --no-index --no-deps \
+        /wheelhouse/deps/*.whl
+COPY build/wheelhouse/app /wheelhouse/app
+RUN /opt/venv/bin/python -m pip install --no-cache-dir --no-index --no-deps \
+        /wheelhouse/app/*.whl \
+    && /opt/venv/bin/python -m pip check
+
+FROM ${BASE_IMAGE}
+ARG VERSION=unknown
+ARG GIT_REVISION=unknown
+LABEL org.opencontainers.image.title="digitflow" \
+      org.opencontainers.image.description="MNIST digit classifier served by FastAPI under gunicorn" \
+      org.opencontainers.image.version="${VERSION}" \
+      org.opencontainers.image.revision="${GIT_REVISION}"
+RUN groupadd --gid 10001 app \
+    && useradd --uid 10001 --gid app --home-dir /home/app --create-home \
+        --shell /usr/sbin/nologin app
+COPY --from=build /opt/venv /opt/venv
+COPY deploy/docker/entrypoint.sh /usr/local/bin/digitflow-entrypoint
+COPY deploy/docker/logging.yaml /etc/digitflow/logging.yaml
+# The ONNX cache lives under /tmp so the root filesystem can be read-only (Kubernetes mounts an
+# emptyDir there); pulled runs go to PRED_MODELS_DIR.
+ENV PATH="/opt/venv/bin:${PATH}" \
+    PYTHONDONTWRITEBYTECODE=1 \
+    PYTHONUNBUFFERED=1 \
+    HOME=/home/app \
+    PORT=8080 \
+    LOGGER_CONFIG_PATH=/etc/digitflow/logging.yaml \
+    DIGITFLOW_CACHE_DIR=/tmp/digitflow-cache \
+    PRED_MODELS_DIR=/home/app/models
+WORKDIR /home/app
+USER 10001:10001
+EXPOSE 8080
+HEALTHCHECK --interval=15s --timeout=3s --start-period=60s --retries=3 \
+    CMD ["python", "-c", "import os, urllib.request as r; r.urlopen('http://127.0.0.1:%s/health' % os.environ.get('PORT', '8080'), timeout=2)"]
+ENTRYPOINT ["digitflow-entrypoint"]
+CMD ["serve"]
