@@ -41,6 +41,9 @@ BASE_IMAGE ?= python:3.11-slim
 WHEELHOUSE := build/wheelhouse
 GIT_REVISION := $(shell git rev-parse HEAD 2>/dev/null || echo unknown)
 DOCKER ?= docker
+# Wheels stamped with the last commit's time, so the same source gives the same bytes (and layers).
+SOURCE_DATE_EPOCH ?= $(shell git log -1 --format=%ct 2>/dev/null || echo 315532800)
+export SOURCE_DATE_EPOCH
 
 wheelhouse: install
 	rm -rf build

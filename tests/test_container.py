@@ -200,8 +200,14 @@ class Tally:
 
 
 def stream_requests(url: str, image_path: Path, stop: threading.Event, tally: Tally) -> None:
+    """POST the image until told to stop, one connection per request.
+
+    An idle keep-alive connection that the server closes at shutdown can race a request the
+    client is just sending on it (a reset the client must retry); that is HTTP/1.1, not a request
+    the server dropped, so each request here gets its own connection.
+    """
     payload = image_path.read_bytes()
-    with httpx.Client(timeout=30) as client:
+    with httpx.Client(timeout=30, headers={"Connection": "close"}) as client:
         while not stop.is_set():
             try:
                 response = client.post(
