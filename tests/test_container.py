@@ -144,7 +144,9 @@ def test_the_seeds_curl_answers_the_right_digits_with_the_model_on_a_read_only_v
         image_path = data_dir / relative
         expected = local.predict(bytes_to_input(image_path.read_bytes())[None])[0].label
         answer = seed_curl(url, image_path)
-        assert answer == {"data": [{"image_filename": image_path.name, "prediction": str(expected)}]}
+        assert answer == {
+            "data": [{"image_filename": image_path.name, "prediction": str(expected)}]
+        }
         correct += expected == label
     assert correct >= 18  # the digits are right, not merely the same as on the host
 
