@@ -4,6 +4,7 @@ run the way the seed and the Kubernetes manifests run it (host network, 127.0.0.
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 import tempfile
@@ -31,7 +32,8 @@ from tests.support.docker_images import (
     run,
 )
 from tests.support.gunicorn_server import TrainedModel
-from tests.support.processes import free_port
+from tests.support.mlflow_server import start_mlflow_server
+from tests.support.processes import free_port, stop_process
 
 pytestmark = [
     pytest.mark.slow,
@@ -282,3 +284,100 @@ def test_a_missing_checkpoint_exits_non_zero_with_one_clear_line(
     lines = logs.strip().splitlines()
     assert len(lines) == 1, logs
     assert missing in lines[0]
+
+
+@dataclass(frozen=True)
+class TrackedRun:
+    """A run logged to a real `mlflow server` that proxies its artifacts over HTTP."""
+
+    tracking_uri: str
+    run_id: str
+
+
+@pytest.fixture(scope="module")
+def tracked_run(data_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[TrackedRun]:
+    """An artifact-proxying mlflow server (so a container needs only HTTP) with a tiny run."""
+    from digitflow.tracking import TrackingTarget
+    from digitflow.training_config import load_train_config
+    from digitflow.training_run import run_training
+
+    workdir = tmp_path_factory.mktemp("container-mlflow")
+    args = ["--serve-artifacts", "--artifacts-destination", str(workdir / "artifacts")]
+    server = start_mlflow_server(workdir, args)
+    try:
+        config = load_train_config(None, ["epochs=1", "train_limit=300", "golden_count=10"])
+        run_id = run_training(config, data_dir, TrackingTarget(uri=server.url), progress=False)
+        yield TrackedRun(server.url, run_id.run_id)
+    finally:
+        stop_process(server)
+
+
+@pytest.fixture
+def writable_models_dir() -> Iterator[Path]:
+    """An empty host folder the container's user owns (the Kubernetes emptyDir's stand-in)."""
+    folder = Path(tempfile.mkdtemp(prefix="digitflow-container-pull-"))
+    os.chown(folder, APP_UID, APP_UID)
+    try:
+        yield folder
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+def test_the_kubernetes_pod_flow_pulls_then_serves_the_run_without_credentials(
+    image: str, tracked_run: TrackedRun, writable_models_dir: Path
+) -> None:
+    uri = f"runs:/{tracked_run.run_id}/model"
+    volume = f"{writable_models_dir}:/models"
+    # The init container: `digitflow pull` into the empty volume, restricted like the pod.
+    pull = [
+        "docker",
+        "run",
+        "--rm",
+        "--network",
+        "host",
+        "-e",
+        f"MLFLOW_TRACKING_URI={tracked_run.tracking_uri}",
+        "-v",
+        volume,
+        *RESTRICTED,
+        "--entrypoint",
+        "digitflow",
+        image,
+        "pull",
+        uri,
+        "--dest",
+        "/models",
+        "--no-progress",
+    ]
+    exports = run(pull)
+    assert f"PRED_MODEL_UUID={tracked_run.run_id}" in exports
+    # The serving container: the same run URI, the volume read-only, no tracking server at all.
+    port = free_port()
+    env = {"PRED_MODEL_URI": uri, "PRED_MODELS_DIR": "/models", "PORT": str(port)}
+    options = ["-v", f"{volume}:ro", *RESTRICTED]
+    with container(image, env=env, options=options) as box:
+        url = f"http://127.0.0.1:{port}"
+        wait_until_ready(box, url)
+        version = httpx.get(f"{url}/api/v1/model/version").json()
+    assert version == {"data": {"model_uuid": tracked_run.run_id}}
+
+
+def test_a_container_given_a_run_uri_pulls_it_at_start_and_serves_it(
+    image: str, tracked_run: TrackedRun, data_dir: Path
+) -> None:
+    port = free_port()
+    env = {
+        "PRED_MODEL_URI": f"runs:/{tracked_run.run_id}/model",
+        "MLFLOW_TRACKING_URI": tracked_run.tracking_uri,
+        "PORT": str(port),
+    }
+    with container(image, env=env) as box:
+        url = f"http://127.0.0.1:{port}"
+        wait_until_ready(box, url)
+        image_path = data_dir / read_annotations(data_dir, "test")[0][0]
+        answer = seed_curl(url, image_path)
+        version = httpx.get(f"{url}/api/v1/model/version").json()
+        pulled = run(["docker", "exec", box.id, "ls", f"/home/app/models/{tracked_run.run_id}"])
+    assert version == {"data": {"model_uuid": tracked_run.run_id}}
+    assert isinstance(answer, dict) and answer["data"][0]["prediction"] in "0123456789"
+    assert "artifacts" in pulled.split()
