@@ -45,6 +45,7 @@ class Settings(ModelSettings):
     MAX_HEADER_COUNT: PositiveInt = 100
     MAX_CONNECTIONS_PER_WORKER: PositiveInt = 1000
     MAX_IN_FLIGHT_PER_WORKER: PositiveInt = 128
+    REUSE_PORT: bool = True
     MAX_BATCH_SIZE: PositiveInt = 64
     MAX_BATCH_WAIT_MS: NonNegativeFloat = 0.0
     WEB_CONCURRENCY: PositiveInt = 1

@@ -7,11 +7,12 @@ through the thin `src/gunicorn.conf.py`, by the seed's command run from `src/`.
 - Every uvicorn worker gets `connection_guard` (header and body deadlines, header and connection
   caps), whichever worker class the command line names.
 - Tells workers how many siblings they have, so each sizes its thread pool to cores // workers.
-- `reuse_port`: each worker binds its own SO_REUSEPORT listening socket and the kernel spreads
-  new connections evenly over them. With one shared socket, whichever worker is idle at that
-  instant accepts them all (measured: 64 of 64 keep-alive connections on one of two workers,
-  -30% throughput). Caveat: connections still queued on a worker's socket when that worker
-  exits are reset, and clients retry.
+- `reuse_port` (setting `REUSE_PORT`, default on): each worker binds its own SO_REUSEPORT
+  listening socket and the kernel spreads new connections evenly over them. With one shared
+  socket, whichever worker is idle at that instant accepts them all (measured: 64 of 64
+  keep-alive connections on one of two workers, -30% throughput). Caveat: connections still
+  queued on a worker's socket when that worker exits are reset; the container image turns it
+  off so `docker stop` loses none (Kubernetes drains endpoints before SIGTERM and turns it on).
 - Because SO_REUSEPORT would let a second server on the same port share it silently, the
   master first checks that nothing listens there and stops with a clear message if it does.
 - Metrics: `DIGITFLOW_METRICS_DIR` (a fresh temporary folder unless set) is where workers write
@@ -32,7 +33,19 @@ from typing import Any
 
 __all__ = ["control_socket_disable", "on_exit", "on_starting", "post_worker_init", "reuse_port"]
 
-reuse_port = True
+
+
+def _reuse_port() -> bool:
+    from digitflow.errors import ConfigError
+    from digitflow_fastapi.config import get_settings
+
+    try:
+        return get_settings().REUSE_PORT
+    except ConfigError:
+        return True  # on_starting reports the bad setting in one line
+
+
+reuse_port = _reuse_port()
 # gunicorn >= 25 opens a control socket at one path per user ($XDG_RUNTIME_DIR or ~/.gunicorn):
 # two servers of one user would share it, and the second's exit deletes the first's. Signals
 # (TERM, HUP, TTIN/TTOU) do the same job per master.

@@ -1,0 +1,58 @@
+# digitflow's serving image. Built by `make image`, which first collects every wheel on the host
+# into build/wheelhouse (deps/ and app/); nothing here reaches a package index (--no-index).
+ARG BASE_IMAGE=python:3.11-slim
+
+FROM ${BASE_IMAGE} AS deps
+COPY build/wheelhouse/deps /wheelhouse/deps
+RUN python -m venv /opt/venv \
+    && /opt/venv/bin/python -m pip install --no-cache-dir --no-index --no-deps \
+        /wheelhouse/deps/*.whl
+
+# digitflow itself goes to its own prefix, so a code change rebuilds a small layer, not the venv.
+FROM deps AS app
+COPY build/wheelhouse/app /wheelhouse/app
+RUN /opt/venv/bin/python -m pip install --no-cache-dir --no-index --no-deps --target /opt/app \
+        /wheelhouse/app/*.whl \
+    && PYTHONPATH=/opt/app /opt/venv/bin/python -m pip check
+
+FROM ${BASE_IMAGE}
+RUN groupadd --gid 10001 app \
+    && useradd --uid 10001 --gid app --home-dir /home/app --create-home \
+        --shell /usr/sbin/nologin app
+COPY --from=deps /opt/venv /opt/venv
+COPY --from=app /opt/app /opt/app
+COPY deploy/docker/entrypoint.sh /usr/local/bin/digitflow-entrypoint
+COPY deploy/docker/logging.yaml /etc/digitflow/logging.yaml
+# Everything written at run time goes under /tmp, so the root filesystem can be read-only
+# (Kubernetes mounts an emptyDir there): the ONNX export cache ($XDG_CACHE_HOME/digitflow), ONNX
+# Runtime's and MLflow's own files. Pulled runs go to PRED_MODELS_DIR. REUSE_PORT=false: with one
+# listening socket per worker, `docker stop` resets connections still queued on a closing worker's
+# socket (measured: 1 request lost in 2 of 5 stops); Kubernetes turns it back on (its preStop
+# pause drains the endpoints before SIGTERM).
+ENV PATH="/opt/app/bin:/opt/venv/bin:${PATH}" \
+    PYTHONPATH=/opt/app \
+    PYTHONDONTWRITEBYTECODE=1 \
+    PYTHONUNBUFFERED=1 \
+    HOME=/home/app \
+    XDG_CACHE_HOME=/tmp/.cache \
+    XDG_CONFIG_HOME=/tmp/.config \
+    MLFLOW_DISABLE_TELEMETRY=true \
+    DO_NOT_TRACK=1 \
+    PORT=8080 \
+    LOGGER_CONFIG_PATH=/etc/digitflow/logging.yaml \
+    REUSE_PORT=false \
+    PRED_MODELS_DIR=/home/app/models
+WORKDIR /home/app
+USER 10001:10001
+EXPOSE 8080
+HEALTHCHECK --interval=15s --timeout=3s --start-period=60s --retries=3 \
+    CMD ["python", "-c", "import os, urllib.request as r; r.urlopen('http://127.0.0.1:%s/health' % os.environ.get('PORT', '8080'), timeout=2)"]
+ENTRYPOINT ["digitflow-entrypoint"]
+CMD ["serve"]
+# Last, so a new revision does not invalidate the cached layers above.
+ARG VERSION=unknown
+ARG GIT_REVISION=unknown
+LABEL org.opencontainers.image.title="digitflow" \
+      org.opencontainers.image.description="MNIST digit classifier served by FastAPI under gunicorn" \
+      org.opencontainers.image.version="${VERSION}" \
+      org.opencontainers.image.revision="${GIT_REVISION}"

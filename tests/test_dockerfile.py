@@ -1,0 +1,63 @@
+"""The Dockerfile and its build inputs, checked without building (test_container.py builds)."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+DOCKERFILE = REPO_ROOT / "Dockerfile"
+HADOLINT = Path(sys.executable).parent / "hadolint"
+
+
+def test_hadolint_finds_nothing_in_the_dockerfile() -> None:
+    result = subprocess.run(
+        [str(HADOLINT), "--failure-threshold", "info", str(DOCKERFILE)],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_the_base_image_defaults_to_python_311_slim() -> None:
+    assert re.search(r"^ARG BASE_IMAGE=python:3\.11-slim$", DOCKERFILE.read_text(), re.M)
+
+
+def test_every_pip_install_in_the_image_uses_only_the_wheelhouse() -> None:
+    text = DOCKERFILE.read_text().replace("\\\n", " ")
+    installs = re.findall(r"pip install[^\n]*", text)
+    assert installs
+    assert all("--no-index" in line and "/wheelhouse/" in line for line in installs)
+
+
+def test_the_final_stage_runs_as_a_numeric_non_root_user() -> None:
+    final_stage = DOCKERFILE.read_text().split("\nFROM ")[-1]
+    users = re.findall(r"^USER (\d+)(?::(\d+))?$", final_stage, re.M)
+    assert users and all(int(uid) != 0 for uid, _ in users)
+
+
+def test_the_build_context_is_only_the_wheelhouse_and_the_container_files() -> None:
+    rules = [
+        line
+        for line in (REPO_ROOT / ".dockerignore").read_text().splitlines()
+        if line and not line.startswith("#")
+    ]
+    assert rules[0] == "*"
+    sources = re.findall(r"^COPY (?!--from)(\S+)", DOCKERFILE.read_text(), re.M)
+    allowed = [rule.lstrip("!").split("*")[0] for rule in rules[1:]]
+    for source in sources:
+        assert any(a.startswith(source) or source.startswith(a) for a in allowed), source
+
+
+def test_the_entrypoint_refuses_to_serve_without_a_model() -> None:
+    entrypoint = REPO_ROOT / "deploy" / "docker" / "entrypoint.sh"
+    env = {"PATH": "/usr/bin:/bin"}
+    result = subprocess.run(
+        ["sh", str(entrypoint)], capture_output=True, text=True, env=env, check=False
+    )
+    assert result.returncode == 64
+    assert result.stdout == ""
+    assert result.stderr.count("\n") == 1 and "no model configured" in result.stderr
