@@ -30,23 +30,34 @@ def test_the_cache_folder_is_created_private(tmp_path: Path) -> None:
     assert folder.stat().st_mode & 0o777 == 0o700
 
 
-def test_a_cache_folder_open_to_others_or_a_link_is_not_used(tmp_path: Path) -> None:
+def test_an_own_cache_folder_open_to_others_is_closed_and_a_link_is_not_used(
+    tmp_path: Path,
+) -> None:
     shared = tmp_path / "shared" / "onnx"
     shared.mkdir(parents=True, mode=0o777)
     shared.chmod(0o777)
-    assert private_folder(tmp_path / "shared") is None
+    assert private_folder(tmp_path / "shared") == shared
+    assert shared.stat().st_mode & 0o777 == 0o700
     (tmp_path / "elsewhere").mkdir(mode=0o700)
     (tmp_path / "linked").mkdir()
     (tmp_path / "linked" / "onnx").symlink_to(tmp_path / "elsewhere")
     assert private_folder(tmp_path / "linked") is None
 
 
-@pytest.mark.skipif(os.getuid() != 0, reason="needs root to make a folder owned by another user")
-def test_a_cache_folder_owned_by_another_user_is_not_used(tmp_path: Path) -> None:
+@pytest.mark.skipif(os.getuid() != 0, reason="needs root to make files owned by another user")
+def test_a_cache_folder_or_export_owned_by_another_user_is_not_used(
+    checkpoint: Path, tmp_path: Path
+) -> None:
     theirs = tmp_path / "theirs" / "onnx"
     theirs.mkdir(parents=True, mode=0o700)
     os.chown(theirs, 65534, 65534)
     assert private_folder(tmp_path / "theirs") is None
+    mine = private_folder(tmp_path / "mine")
+    assert mine is not None
+    planted = mine / export_name(checkpoint)
+    planted.write_bytes(b"planted")
+    os.chown(planted, 65534, 65534)
+    assert read_cached(mine, export_name(checkpoint)) is None
 
 
 def test_a_planted_link_in_place_of_an_export_is_not_loaded(

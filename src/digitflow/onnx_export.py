@@ -2,8 +2,8 @@
 
 An export is named by the checkpoint's SHA-256, so it stands for those exact bytes (which went
 through the weights-only loader when it was made). The cache folder must be a real folder (not a
-link) owned by this user and closed to others (0700); otherwise no cache is used and each start
-exports again. Exports are opened without following links, must be regular files of this user,
+link) owned by this user; it is kept closed to others (0700). Otherwise no cache is used and each
+start exports again. Exports are opened without following links, must be regular files of this user,
 and are written through a temporary file beside them. An empty or unreadable export is rebuilt.
 """
 
@@ -32,7 +32,8 @@ def export_name(checkpoint: Path) -> str:
 
 
 def private_folder(cache_dir: Path | None) -> Path | None:
-    """`cache_dir/onnx`, created 0700; None when it is a link, someone else's or open to others."""
+    """`cache_dir/onnx`, created 0700 (an own folder open to others is closed); None when it is a
+    link or someone else's."""
     if cache_dir is None:
         return None
     folder = cache_dir / "onnx"
@@ -42,9 +43,11 @@ def private_folder(cache_dir: Path | None) -> Path | None:
     except OSError as exc:
         logger.warning("no ONNX cache: cannot create %s (%s)", folder, exc.strerror)
         return None
-    if not stat.S_ISDIR(info.st_mode) or info.st_uid != os.getuid() or info.st_mode & 0o077:
-        logger.warning("no ONNX cache: %s is not a private folder of this user (0700)", folder)
+    if not stat.S_ISDIR(info.st_mode) or info.st_uid != os.getuid():
+        logger.warning("no ONNX cache: %s is a link or another user's folder", folder)
         return None
+    if info.st_mode & 0o077:  # e.g. made 0755 by an older digitflow; files are checked one by one
+        os.chmod(folder, 0o700)
     return folder
 
 
