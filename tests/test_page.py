@@ -203,8 +203,9 @@ def test_the_page_fits_a_phone_screen_and_the_file_picker_opens_from_the_keyboar
         page.screenshot(path=tmp_path / "phone.png", full_page=True)
         overflow = page.evaluate("document.documentElement.scrollWidth - window.innerWidth")
         assert overflow <= 0
+        page.wait_for_load_state("networkidle")  # app.js has wired its handlers
         page.locator("#drop").focus()
-        with page.expect_file_chooser(timeout=10_000) as chooser:
+        with page.expect_file_chooser(timeout=30_000) as chooser:
             page.keyboard.press("Enter")
         assert chooser.value.is_multiple()
     finally:
