@@ -30,6 +30,8 @@ MNIST_STROKE_RATIO: Final = 0.13
 # Pixels darker than the paper by less than this share of the darkest ink are not strokes.
 INK_FRACTION: Final = 0.4
 MIN_INK: Final = 0.08
+# A paper estimate changing by more than this share of the paper level per pixel is a sheet edge.
+EDGE_FRACTION: Final = 0.25
 
 UInt8Array = npt.NDArray[np.uint8]
 FloatArray = npt.NDArray[np.float32]
@@ -62,17 +64,26 @@ def is_dark_on_light(gray: UInt8Array) -> bool:
 
 
 def ink_map(gray: UInt8Array) -> FloatArray:
-    """How much darker than the local paper each pixel is, relative to the paper's brightness."""
+    """How much darker than the local paper each pixel is, relative to the paper's brightness.
+
+    Where the paper estimate itself changes sharply (the edge of the sheet against a table) no
+    pixel counts as ink: there the estimate is blurred by the reduction, not the paper's own.
+    """
     h, w = gray.shape
     factor = max(1, max(h, w) // 128)
     small = cv2.resize(gray, (max(1, w // factor), max(1, h // factor)), interpolation=cv2.INTER_AREA)
-    side = max(3, (max(small.shape) // 6) | 1)
+    side = max(3, (max(small.shape) // 3) | 1)
     kernel = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (side, side))
     paper = cv2.morphologyEx(small, cv2.MORPH_CLOSE, kernel, borderType=cv2.BORDER_REPLICATE)
-    paper = cv2.GaussianBlur(paper, (0, 0), side / 4)
-    background = cv2.resize(paper, (w, h), interpolation=cv2.INTER_LINEAR).astype(np.float32)
     level = max(float(np.percentile(paper, 95)), 32.0)
-    return np.clip((background - gray.astype(np.float32)) / level, 0.0, 1.0)
+    edges = cv2.morphologyEx(paper, cv2.MORPH_GRADIENT, np.ones((3, 3), np.uint8))
+    sheet_edge = cv2.dilate((edges > EDGE_FRACTION * level).astype(np.uint8), np.ones((7, 7), np.uint8))
+    paper = cv2.GaussianBlur(paper, (0, 0), 1.0)
+    background = cv2.resize(paper, (w, h), interpolation=cv2.INTER_LINEAR).astype(np.float32)
+    ink = np.clip((background - gray.astype(np.float32)) / level, 0.0, 1.0)
+    if sheet_edge.any():
+        ink[cv2.resize(sheet_edge, (w, h), interpolation=cv2.INTER_NEAREST) > 0] = 0.0
+    return ink
 
 
 def select_digit(ink: FloatArray) -> npt.NDArray[np.bool_] | None:
@@ -85,8 +96,18 @@ def select_digit(ink: FloatArray) -> npt.NDArray[np.bool_] | None:
     if count < 2:
         return None
     mass = np.bincount(labels.ravel(), weights=ink.ravel(), minlength=count)[1:]
-    main = int(np.argmax(mass))
     boxes = stats[1:, :4].astype(np.int64)  # x, y, w, h
+    height, width = ink.shape
+    # Pieces touching the frame are table, sheet edge or shadow, not the digit someone framed.
+    at_frame = (
+        (boxes[:, 0] == 0)
+        | (boxes[:, 1] == 0)
+        | (boxes[:, 0] + boxes[:, 2] >= width)
+        | (boxes[:, 1] + boxes[:, 3] >= height)
+    )
+    if not at_frame.all():
+        mass = np.where(at_frame, 0.0, mass)
+    main = int(np.argmax(mass))
     x0, y0 = boxes[main, 0], boxes[main, 1]
     x1, y1 = x0 + boxes[main, 2], y0 + boxes[main, 3]
     keep = {main}
@@ -133,6 +154,10 @@ def mnist_layout(digit: FloatArray) -> FloatArray:
 
 def locate_digit(gray: UInt8Array) -> FloatArray:
     """Grayscale image (any polarity, ≤ a few hundred px a side) → the model's 28×28 input."""
+    if cv2.getNumThreads() != 1:
+        # Sub-millisecond operations: OpenCV's thread pool only adds contention with the
+        # server's and torch's own threads.
+        cv2.setNumThreads(1)
     if not is_dark_on_light(gray):
         gray = 255 - gray
     ink = ink_map(gray)
