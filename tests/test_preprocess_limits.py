@@ -1,4 +1,4 @@
-"""The header probe, the decode-cost and frame caps, 16-bit and animated images, EXIF orientation."""
+"""Header probe, decode-cost and frame caps, 16-bit and animated images, EXIF orientation."""
 
 from __future__ import annotations
 

@@ -37,6 +37,10 @@ UInt8Array = npt.NDArray[np.uint8]
 FloatArray = npt.NDArray[np.float32]
 
 
+def _disk(size: int) -> UInt8Array:
+    return np.asarray(cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (size, size)), dtype=np.uint8)
+
+
 def _empty() -> FloatArray:
     return np.zeros((MNIST_SIZE, MNIST_SIZE), dtype=np.float32)
 
@@ -71,16 +75,20 @@ def ink_map(gray: UInt8Array) -> FloatArray:
     """
     h, w = gray.shape
     factor = max(1, max(h, w) // 128)
-    small = cv2.resize(gray, (max(1, w // factor), max(1, h // factor)), interpolation=cv2.INTER_AREA)
+    small = cv2.resize(
+        gray, (max(1, w // factor), max(1, h // factor)), interpolation=cv2.INTER_AREA
+    )
     side = max(3, (max(small.shape) // 3) | 1)
     kernel = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (side, side))
     paper = cv2.morphologyEx(small, cv2.MORPH_CLOSE, kernel, borderType=cv2.BORDER_REPLICATE)
     level = max(float(np.percentile(paper, 95)), 32.0)
     edges = cv2.morphologyEx(paper, cv2.MORPH_GRADIENT, np.ones((3, 3), np.uint8))
-    sheet_edge = cv2.dilate((edges > EDGE_FRACTION * level).astype(np.uint8), np.ones((7, 7), np.uint8))
+    sheet_edge = cv2.dilate(
+        (edges > EDGE_FRACTION * level).astype(np.uint8), np.ones((7, 7), np.uint8)
+    )
     paper = cv2.GaussianBlur(paper, (0, 0), 1.0)
     background = cv2.resize(paper, (w, h), interpolation=cv2.INTER_LINEAR).astype(np.float32)
-    ink = np.clip((background - gray.astype(np.float32)) / level, 0.0, 1.0)
+    ink = np.asarray(np.clip((background - gray) / level, 0.0, 1.0), dtype=np.float32)
     if sheet_edge.any():
         ink[cv2.resize(sheet_edge, (w, h), interpolation=cv2.INTER_NEAREST) > 0] = 0.0
     return ink
@@ -117,7 +125,12 @@ def select_digit(ink: FloatArray) -> npt.NDArray[np.bool_] | None:
             if i in keep or mass[i] < 0.03 * mass[main]:
                 continue
             bx, by, bw, bh = boxes[i]
-            if bx <= x1 + margin and bx + bw >= x0 - margin and by <= y1 + margin and by + bh >= y0 - margin:
+            if (
+                bx <= x1 + margin
+                and bx + bw >= x0 - margin
+                and by <= y1 + margin
+                and by + bh >= y0 - margin
+            ):
                 keep.add(i)
                 x0, y0 = min(x0, bx), min(y0, by)
                 x1, y1 = max(x1, bx + bw), max(y1, by + bh)
@@ -128,7 +141,9 @@ def select_digit(ink: FloatArray) -> npt.NDArray[np.bool_] | None:
 def stroke_width(mask: UInt8Array) -> float:
     """Mean stroke width of a binary drawing: twice its area over its boundary length."""
     area = int(np.count_nonzero(mask))
-    inner = cv2.erode(mask, np.ones((3, 3), np.uint8), borderType=cv2.BORDER_CONSTANT, borderValue=0)
+    inner = cv2.erode(
+        mask, np.ones((3, 3), np.uint8), borderType=cv2.BORDER_CONSTANT, borderValue=0
+    )
     boundary = area - int(np.count_nonzero(inner))
     return 2.0 * area / boundary if boundary else 1.0
 
@@ -179,11 +194,11 @@ def locate_digit(gray: UInt8Array) -> FloatArray:
     pad = int(max(0.0, target - width)) + 2
     crop = cv2.copyMakeBorder(crop, pad, pad, pad, pad, cv2.BORDER_CONSTANT, value=0)
     if width < target - 1:
-        k = int(round(target - width)) | 1
-        crop = cv2.dilate(crop, cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (k, k)))
+        k = round(target - width) | 1
+        crop = np.asarray(cv2.dilate(crop, _disk(k)), dtype=np.float32)
     elif width > 1.6 * target:
-        k = int(round(width - target)) | 1
-        crop = cv2.erode(crop, cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (k, k)))
+        k = round(width - target) | 1
+        crop = np.asarray(cv2.erode(crop, _disk(k)), dtype=np.float32)
     rows = np.flatnonzero(crop.max(axis=1) > 0.05)
     cols = np.flatnonzero(crop.max(axis=0) > 0.05)
     if rows.size == 0:

@@ -42,16 +42,22 @@ def _illumination(h: int, w: int, rng: np.random.Generator) -> FloatArray:
     ys = np.linspace(0, 1, h, dtype=np.float32)[:, None]
     xs = np.linspace(0, 1, w, dtype=np.float32)[None, :]
     angle = rng.uniform(0, 2 * math.pi)
-    light = 1.0 + rng.uniform(0.05, 0.3) * ((xs - 0.5) * math.cos(angle) + (ys - 0.5) * math.sin(angle))
+    light = 1.0 + rng.uniform(0.05, 0.3) * (
+        (xs - 0.5) * math.cos(angle) + (ys - 0.5) * math.sin(angle)
+    )
     light -= rng.uniform(0.0, 0.25) * ((xs - 0.5) ** 2 + (ys - 0.5) ** 2)
     if rng.random() < 0.5:
         a = rng.uniform(0, 2 * math.pi)
-        edge = (xs - rng.uniform(0.2, 0.8)) * math.cos(a) + (ys - rng.uniform(0.2, 0.8)) * math.sin(a)
+        edge = (xs - rng.uniform(0.2, 0.8)) * math.cos(a) + (ys - rng.uniform(0.2, 0.8)) * math.sin(
+            a
+        )
         light *= 1.0 - rng.uniform(0.15, 0.4) / (1.0 + np.exp(-edge * rng.uniform(15, 60)))
     return np.asarray(light, dtype=np.float32)
 
 
-def _rule_lines(h: int, w: int, spacing: float, squared: bool, rng: np.random.Generator) -> FloatArray:
+def _rule_lines(
+    h: int, w: int, spacing: float, squared: bool, rng: np.random.Generator
+) -> FloatArray:
     """Coverage of a notebook's printed lines (horizontal, or a square grid)."""
     lines = np.zeros((h, w), dtype=np.float32)
     thickness = int(rng.integers(1, 3))
@@ -81,13 +87,15 @@ def render_photo(
     # The sheet is drawn flat, then warped into the frame (rotation + slight perspective).
     sw, sh = (int(fw * 0.75), int(fh * 0.75)) if on_table else (int(fw * 1.4), int(fh * 1.4))
     short = min(fw, fh)
-    digit_h = int(short * (rng.uniform(0.05, 0.09) if condition == "small" else rng.uniform(0.25, 0.6)))
+    digit_h = int(
+        short * (rng.uniform(0.05, 0.09) if condition == "small" else rng.uniform(0.25, 0.6))
+    )
     ink = np.zeros((sh, sw), dtype=np.float32)
     strokes = _pen_strokes(digit, digit_h, rng.uniform(0.3, 0.75))
     thinning = round(digit_h * rng.uniform(0.0, 0.03))
     if thinning >= 1:
         kernel = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (thinning + 1, thinning + 1))
-        thinned = cv2.erode(strokes, kernel)
+        thinned = np.asarray(cv2.erode(strokes, kernel), dtype=np.float32)
         if thinned.max() > 0.5:
             strokes = thinned
     cx = sw / 2 + rng.uniform(-0.25, 0.25) * (sw - digit_h)
@@ -124,7 +132,7 @@ def render_photo(
     affine = cv2.getRotationMatrix2D(centre, angle, scale)
     affine[0, 2] += fw / 2 - sw / 2 + (rng.uniform(-0.08, 0.08) * fw if on_table else 0)
     affine[1, 2] += fh / 2 - sh / 2 + (rng.uniform(-0.08, 0.08) * fh if on_table else 0)
-    src = np.float32([[0, 0], [sw, 0], [sw, sh], [0, sh]])
+    src = np.array([[0, 0], [sw, 0], [sw, sh], [0, sh]], dtype=np.float32)
     dst = cv2.transform(src[None], affine)[0]
     dst += rng.uniform(-0.03, 0.03, dst.shape).astype(np.float32) * short
     warp = cv2.getPerspectiveTransform(src, dst.astype(np.float32))
@@ -132,16 +140,21 @@ def render_photo(
         table_tone = rng.uniform(25, 120)
         background = np.empty((fh, fw, 3), dtype=np.float32)
         background[:] = table_tone * np.array([1.0, rng.uniform(0.75, 1.0), rng.uniform(0.5, 0.9)])
-        grain = cv2.resize(_noise(rng, (fh // 8 + 1, 4), 12.0), (fw, fh))
+        grain = np.asarray(
+            cv2.resize(_noise(rng, (fh // 8 + 1, 4), 12.0), (fw, fh)), dtype=np.float32
+        )
         background += grain[..., None] + _noise(rng, (fh, fw, 1), 4.0)
     else:
         background = np.zeros((fh, fw, 3), dtype=np.float32)
-    photo = cv2.warpPerspective(
-        sheet, warp, (fw, fh), dst=background, borderMode=cv2.BORDER_TRANSPARENT
+    photo = np.asarray(
+        cv2.warpPerspective(
+            sheet, warp, (fw, fh), dst=background, borderMode=cv2.BORDER_TRANSPARENT
+        ),
+        dtype=np.float32,
     )
     photo *= _illumination(fh, fw, rng)[..., None]
     sigma = rng.uniform(1.5, 3.5) * short / 480 if condition == "blur" else rng.uniform(0.3, 1.0)
-    photo = cv2.GaussianBlur(photo, (0, 0), sigma)
+    photo = np.asarray(cv2.GaussianBlur(photo, (0, 0), sigma), dtype=np.float32)
     photo += _noise(rng, photo.shape, rng.uniform(1.5, 5))
     rgb = np.clip(photo, 0, 255).astype(np.uint8)
     buf = io.BytesIO()
@@ -154,7 +167,8 @@ def render_drawing(digit: UInt8Array, rng: np.random.Generator, canvas: int = 28
     size = int(canvas * rng.uniform(0.3, 0.85))
     strokes = _pen_strokes(digit, size)
     width = max(1, int(size * rng.uniform(0.03, 0.08)))
-    strokes = cv2.dilate(strokes, cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (width, width)))
+    kernel = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (width, width))
+    strokes = np.asarray(cv2.dilate(strokes, kernel), dtype=np.float32)
     alpha = np.zeros((canvas, canvas), dtype=np.float32)
     x0 = int(rng.integers(0, canvas - size + 1))
     y0 = int(rng.integers(0, canvas - size + 1))

@@ -50,12 +50,18 @@ def render_photo_set(images: torch.Tensor, count: int, rate: float, seed: int) -
     rng = np.random.default_rng(seed)
     chosen = np.sort(rng.permutation(images.shape[0])[:count])
     digits = (images[torch.from_numpy(chosen), 0].numpy() * 255).round().astype(np.uint8)
-    inputs = np.stack(
-        [
-            bytes_to_input(render_photo(digit, CONDITIONS[i % len(CONDITIONS)], rng, TRAINING_FRAME))
-            for i, digit in enumerate(digits)
-        ]
-    ) if count else np.zeros((0, 28, 28), dtype=np.float32)
+    inputs = (
+        np.stack(
+            [
+                bytes_to_input(
+                    render_photo(digit, CONDITIONS[i % len(CONDITIONS)], rng, TRAINING_FRAME)
+                )
+                for i, digit in enumerate(digits)
+            ]
+        )
+        if count
+        else np.zeros((0, 28, 28), dtype=np.float32)
+    )
     slot = torch.full((images.shape[0],), -1, dtype=torch.long)
     slot[torch.from_numpy(chosen)] = torch.arange(count)
     return PhotoSet(slot=slot, inputs=torch.from_numpy(inputs).unsqueeze(1), rate=rate)

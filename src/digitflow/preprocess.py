@@ -122,7 +122,9 @@ def _open(data: bytes) -> tuple[Image.Image, ImageProbe]:
     except InvalidImage:
         raise
     except _DECODE_ERRORS as exc:
-        raise InvalidImage(f"the {fmt} data is truncated or corrupt ({type(exc).__name__})") from None
+        raise InvalidImage(
+            f"the {fmt} data is truncated or corrupt ({type(exc).__name__})"
+        ) from None
     work = work_w * work_h * (3 if fmt == "WEBP" else 1)
     return image, ImageProbe(fmt, width, height, frames, image.mode, work)
 
