@@ -10,7 +10,9 @@ squared lines, blue ink, defocus blur, small digit in a big frame) as 640×480 J
 digit ones 1600×1200), plus drawn digits (thick strokes on a transparent 280×280 canvas, PNG), and
 writes them as files with `labels.csv`. `score` reads only those files and the checkpoint (default:
 the default model), so an older checkout of digitflow can score the same set for a before/after.
-`speed` times preprocessing of one 12-megapixel phone JPEG.
+`speed` times preprocessing of one 12-megapixel phone JPEG. `png-speed --before FILE` times the
+held-out MNIST PNGs through this checkout's `bytes_to_input` and through another checkout's
+`preprocess.py` (e.g. main's), interleaved in one process, so the two share the machine's load.
 """
 
 from __future__ import annotations
@@ -108,6 +110,27 @@ def speed(width: int, height: int, repeat: int) -> dict[str, float]:
     return {"bytes": len(data), "median_ms": float(np.median(times)), "max_ms": max(times)}
 
 
+def png_speed(data_dir: Path, before: Path, rounds: int) -> dict[str, float]:
+    """Microseconds per held-out PNG through `before`'s and this checkout's `bytes_to_input`."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("preprocess_before", before)
+    assert spec is not None and spec.loader is not None
+    old = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(old)
+    with (data_dir / "test.csv").open(newline="") as handle:
+        blobs = [(data_dir / r["filepath"]).read_bytes() for r in csv.DictReader(handle)]
+    same = all(np.array_equal(old.bytes_to_input(b), bytes_to_input(b)) for b in blobs)
+    best = {"before_us": float("inf"), "after_us": float("inf")}
+    for _ in range(rounds):
+        for name, fn in (("before_us", old.bytes_to_input), ("after_us", bytes_to_input)):
+            started = time.perf_counter()
+            for blob in blobs:
+                fn(blob)
+            best[name] = min(best[name], 1e6 * (time.perf_counter() - started) / len(blobs))
+    return {**best, "identical_inputs": float(same)}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -122,6 +145,10 @@ def main() -> None:
     p_speed = sub.add_parser("speed")
     p_speed.add_argument("--side", default="4000x3000")
     p_speed.add_argument("--repeat", type=int, default=30)
+    p_png = sub.add_parser("png-speed")
+    p_png.add_argument("--before", type=Path, required=True)
+    p_png.add_argument("--data-dir", type=Path, default=paths.DEFAULT_DATA_DIR)
+    p_png.add_argument("--rounds", type=int, default=7)
     args = parser.parse_args()
     if args.command == "build":
         build(args.out, args.data_dir, args.per_condition, args.drawn)
@@ -130,6 +157,8 @@ def main() -> None:
 
         checkpoint = args.checkpoint or default_checkpoint()
         print(json.dumps(score(args.out, checkpoint), indent=2))
+    elif args.command == "png-speed":
+        print(json.dumps(png_speed(args.data_dir, args.before, args.rounds), indent=2))
     else:
         width, height = (int(v) for v in args.side.split("x"))
         print(json.dumps(speed(width, height, args.repeat), indent=2))

@@ -114,8 +114,10 @@ def _open(data: bytes) -> tuple[Image.Image, ImageProbe]:
             if width <= 0 or height <= 0:
                 raise InvalidImage(f"the {fmt} header declares an empty image")
             frames = int(getattr(image, "n_frames", 1))
-            if fmt == "JPEG" and max(width, height) > _DRAFT_ABOVE:
-                image.draft(None, (WORK_SIDE, WORK_SIDE))
+            if fmt == "JPEG":
+                # Luminance straight from the decoder (no chroma work), big ones at reduced scale.
+                big = max(width, height) > _DRAFT_ABOVE
+                image.draft("L", (WORK_SIDE, WORK_SIDE) if big else None)
             work_w, work_h = image.size
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
         raise ImageTooLarge(f"the image declares too many pixels: {exc}") from None
