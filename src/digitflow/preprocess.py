@@ -103,38 +103,41 @@ def sniff_format(data: bytes) -> str:
     raise UnsupportedImageFormat("not a supported image; send PNG, JPEG, WebP, BMP or GIF")
 
 
-def _open(data: bytes) -> tuple[Image.Image, ImageProbe]:
-    """Open `data` lazily (header only), set a big JPEG to decode at reduced scale, probe it."""
-    fmt = sniff_format(data)
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            image = Image.open(io.BytesIO(data), formats=[fmt])
-            width, height = image.size
-            if width <= 0 or height <= 0:
-                raise InvalidImage(f"the {fmt} header declares an empty image")
-            frames = int(getattr(image, "n_frames", 1))
-            if fmt == "JPEG":
-                # Luminance straight from the decoder (no chroma work), big ones at reduced scale.
-                big = max(width, height) > _DRAFT_ABOVE
-                image.draft("L", (WORK_SIDE, WORK_SIDE) if big else None)
-            work_w, work_h = image.size
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
-        raise ImageTooLarge(f"the image declares too many pixels: {exc}") from None
-    except InvalidImage:
-        raise
-    except _DECODE_ERRORS as exc:
-        raise InvalidImage(
-            f"the {fmt} data is truncated or corrupt ({type(exc).__name__})"
-        ) from None
+def _open(data: bytes, fmt: str) -> tuple[Image.Image, ImageProbe]:
+    """Open `data` lazily (header only), set a JPEG's decoder to luminance (a big one at reduced
+    DCT scale), and probe it. Callers turn Pillow's exceptions into ours (`_refusal`)."""
+    image = Image.open(io.BytesIO(data), formats=[fmt])
+    width, height = image.size
+    if width <= 0 or height <= 0:
+        raise InvalidImage(f"the {fmt} header declares an empty image")
+    frames = int(getattr(image, "n_frames", 1))
+    if fmt == "JPEG":
+        big = max(width, height) > _DRAFT_ABOVE
+        image.draft("L", (WORK_SIDE, WORK_SIDE) if big else None)
+    work_w, work_h = image.size
     work = work_w * work_h * (3 if fmt == "WEBP" else 1)
     return image, ImageProbe(fmt, width, height, frames, image.mode, work)
 
 
+def _refusal(fmt: str, exc: BaseException) -> InvalidImage:
+    if isinstance(exc, (Image.DecompressionBombError, Image.DecompressionBombWarning)):
+        return ImageTooLarge(f"the image declares too many pixels: {exc}")
+    return InvalidImage(f"the {fmt} data is truncated or corrupt ({type(exc).__name__})")
+
+
+_BOMB: Final = (Image.DecompressionBombError, Image.DecompressionBombWarning)
+
+
 def probe_image(data: bytes) -> ImageProbe:
     """Format, size, frame count and decode cost of `data`, from its header; raises InvalidImage."""
-    image, probe = _open(data)
-    image.close()
+    fmt = sniff_format(data)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            image, probe = _open(data, fmt)
+            image.close()
+    except (*_BOMB, *_DECODE_ERRORS) as exc:
+        raise _refusal(fmt, exc) from None
     return probe
 
 
@@ -161,24 +164,19 @@ def decode_image(
     max_work_pixels: int = DEFAULT_MAX_WORK_PIXELS,
 ) -> Image.Image:
     """Decode the first frame of `data`, upright; refuse bombs from the header, before decoding."""
-    image, probe = _open(data)
-    check_limits(probe, max_pixels, max_work_pixels)
+    fmt = sniff_format(data)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
+            image, probe = _open(data, fmt)
+            check_limits(probe, max_pixels, max_work_pixels)
             if probe.frames > 1:
                 image.seek(0)
             image.load()
-            if "exif" in image.info:
-                orientation = image.getexif().get(0x0112, 1)
-                if orientation != 1:
-                    image = ImageOps.exif_transpose(image)
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
-        raise ImageTooLarge(f"the image declares too many pixels: {exc}") from None
-    except _DECODE_ERRORS as exc:
-        raise InvalidImage(
-            f"the {probe.format} data is truncated or corrupt ({type(exc).__name__})"
-        ) from None
+            if "exif" in image.info and image.getexif().get(0x0112, 1) != 1:
+                image = ImageOps.exif_transpose(image)
+    except (*_BOMB, *_DECODE_ERRORS) as exc:
+        raise _refusal(fmt, exc) from None
     return image
 
 
@@ -226,6 +224,12 @@ def shrink_for_work(gray: UInt8Array) -> UInt8Array:
 
 def image_to_input(image: Image.Image) -> FloatArray:
     """A decoded image → the model's 28×28 float32 input in [0, 1]."""
+    if image.size == (MNIST_SIZE, MNIST_SIZE) and image.mode == "L":
+        # tobytes + frombuffer: cheaper than NumPy's array-interface path for a tiny image.
+        pixels = np.frombuffer(image.tobytes(), dtype=np.uint8).reshape(MNIST_SIZE, MNIST_SIZE)
+        arr = pixels.astype(np.float32) / np.float32(255.0)
+        if is_mnist_format(arr):
+            return arr  # the training data's own form, exactly as training reads it
     gray = to_gray_u8(image)
     if gray.shape == (MNIST_SIZE, MNIST_SIZE):
         arr = gray.astype(np.float32) / np.float32(255.0)
