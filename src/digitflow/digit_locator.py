@@ -32,6 +32,10 @@ INK_FRACTION: Final = 0.4
 MIN_INK: Final = 0.08
 # A paper estimate changing by more than this share of the paper level per pixel is a sheet edge.
 EDGE_FRACTION: Final = 0.25
+# Ink this dark touching the frame is table or shadow (printed lines are fainter).
+FRAME_INK: Final = 0.3
+# A component whose stroke width exceeds this share of its longer side is a blob, not a stroke.
+BLOB_RATIO: Final = 0.4
 
 UInt8Array = npt.NDArray[np.uint8]
 FloatArray = npt.NDArray[np.float32]
@@ -96,9 +100,22 @@ def ink_map(gray: UInt8Array) -> FloatArray:
 
 def select_digit(ink: FloatArray) -> npt.NDArray[np.bool_] | None:
     """The stroke pixels of the digit: the component with most ink and the pieces near it."""
-    peak = float(cv2.GaussianBlur(ink, (0, 0), 1.0).max())
+    smooth = cv2.GaussianBlur(ink, (0, 0), 1.0)
+    peak = float(smooth.max())
     if peak < MIN_INK:
         return None
+    # The darkest ink should be the digit's, not a table strip the paper estimate missed: take
+    # the peak away from clearly dark regions that touch the frame, when anything is left.
+    dark = (smooth > FRAME_INK).astype(np.uint8)
+    n_dark, dark_labels = cv2.connectedComponents(dark, connectivity=8)
+    if n_dark > 1:
+        edge_ids = np.unique(
+            np.concatenate([dark_labels[0], dark_labels[-1], dark_labels[:, 0], dark_labels[:, -1]])
+        )
+        inside = ~np.isin(dark_labels, edge_ids[edge_ids > 0])
+        inner_peak = float(smooth[inside].max()) if inside.any() else 0.0
+        if inner_peak >= 2 * MIN_INK:
+            peak = inner_peak
     strokes = (ink > max(MIN_INK, INK_FRACTION * peak)).astype(np.uint8)
     count, labels, stats, _ = cv2.connectedComponentsWithStats(strokes, connectivity=8)
     if count < 2:
@@ -113,8 +130,18 @@ def select_digit(ink: FloatArray) -> npt.NDArray[np.bool_] | None:
         | (boxes[:, 0] + boxes[:, 2] >= width)
         | (boxes[:, 1] + boxes[:, 3] >= height)
     )
-    if not at_frame.all():
-        mass = np.where(at_frame, 0.0, mass)
+    # Solid blobs (a shadow wedge, a patch of table) are not pen strokes: their width is a large
+    # share of their size, where a digit's strokes are ~0.13 of it (thick drawings ~0.3).
+    inner = cv2.erode(
+        strokes, np.ones((3, 3), np.uint8), borderType=cv2.BORDER_CONSTANT, borderValue=0
+    )
+    edge = np.bincount(labels[(strokes > 0) & (inner == 0)], minlength=count)[1:]
+    areas = stats[1:, cv2.CC_STAT_AREA].astype(np.float64)
+    widths = 2.0 * areas / np.maximum(edge, 1)
+    blob = (widths > BLOB_RATIO * boxes[:, 2:4].max(axis=1)) & (areas > 16)
+    rejected = at_frame | blob
+    if not rejected.all():
+        mass = np.where(rejected, 0.0, mass)
     main = int(np.argmax(mass))
     x0, y0 = boxes[main, 0], boxes[main, 1]
     x1, y1 = x0 + boxes[main, 2], y0 + boxes[main, 3]
