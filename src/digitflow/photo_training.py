@@ -18,7 +18,7 @@ from digitflow.photo_synth import CONDITIONS, render_photo
 from digitflow.preprocess import bytes_to_input
 
 # Training renders are small photos: cheap to make, and the digit finder sees low-resolution
-# strokes too (the benchmark's photos are 640×480 and 1600×1200).
+# strokes too (the benchmark's photos are 480×640 and 1200×1600).
 TRAINING_FRAME: Final = (160, 120)
 
 
