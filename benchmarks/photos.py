@@ -7,7 +7,7 @@
 `build` renders, deterministically (seed 2026), every held-out digit cycled through each photo
 condition of `digitflow.photo_synth.CONDITIONS` (paper fills the frame, table visible, ruled or
 squared lines, blue ink, defocus blur, small digit in a big frame) as 480×640 portrait JPEGs
-(small digit: 1200×1600), plus drawn digits (thick strokes on a transparent 280×280 canvas, PNG), and
+(small digit: 1200×1600), plus drawn digits (thick strokes, transparent 280×280 canvas, PNG), and
 writes them as files with `labels.csv`. `score` reads only those files and the checkpoint (default:
 the default model), so an older checkout of digitflow can score the same set for a before/after.
 `speed` times preprocessing of one 12-megapixel phone JPEG. `png-speed --before FILE` times the
