@@ -1,34 +1,43 @@
 """THE image transform, shared by training, serving and batch prediction.
 
-Bytes are recognised by their signature (never by a client's name or content type), decoded by
-the one Pillow plugin that signature names, refused from the header when they declare too many
-pixels, and turned into the model's 28×28 float input in [0, 1]:
+Bytes are recognised by their signature (never by a client's name or content type), probed from
+the header by the one Pillow plugin that signature names, refused there when they declare too many
+pixels or frames, decoded (first frame only; a big JPEG at reduced DCT scale; EXIF orientation
+honoured), and turned into the model's 28×28 float input in [0, 1]:
 
 * an MNIST-format image (28×28, light digit on a dark background) passes through unchanged,
   exactly as the training PNGs do;
-* anything else (a photo or scan of a dark digit on light paper, any size or mode) is normalised
-  the MNIST way: invert, crop to the digit, fit into 20×20 keeping the aspect ratio, centre by mass
-  in 28×28.
+* anything else (a phone photo, a scan, a canvas drawing; any size, mode or bit depth) is reduced
+  to grayscale of at most `WORK_SIDE` px a side and handed to `digit_locator`, which finds the
+  digit and lays it out the MNIST way.
 """
 
 from __future__ import annotations
 
 import io
 import warnings
+from dataclasses import dataclass
 from typing import Final
 
+import cv2
 import numpy as np
 import numpy.typing as npt
-from PIL import Image, ImageFilter
+from PIL import Image, ImageOps
 
+from digitflow.digit_locator import locate_digit
 from digitflow.errors import ImageTooLarge, InvalidImage, UnsupportedImageFormat
 
 MNIST_SIZE: Final = 28
-MNIST_BOX: Final = 20
 DEFAULT_MAX_IMAGE_PIXELS: Final = 4096 * 4096
-# A big photo is reduced to about this many pixels a side before it is normalised: the digit ends
-# up in a 20×20 box anyway, and full-resolution filtering of a 16-megapixel photo took ~1.2 s.
+# What the decoder may materialise for one image, in pixels (see `ImageProbe.work_pixels`): a
+# digit needs a few hundred pixels a side, and this bounds one decode to ~20 MiB and ~50 ms.
+DEFAULT_MAX_WORK_PIXELS: Final = 4 * 1024 * 1024
+# Only the first frame is decoded; a file declaring more frames than this is refused.
+MAX_FRAMES: Final = 100
+# Images are reduced to at most this many pixels a side before the digit is searched for.
 WORK_SIDE: Final = 512
+# JPEGs larger than twice that are decoded at 1/2–1/8 scale (DCT scaling: cheap, no full decode).
+_DRAFT_ABOVE: Final = 2 * WORK_SIDE
 
 ALLOWED_FORMATS: Final = ("PNG", "JPEG", "WEBP", "BMP", "GIF")
 
@@ -43,8 +52,33 @@ _KNOWN_REFUSED: Final = (
     (b"<svg", "SVG"),
     (b"<?xml", "SVG/XML"),
 )
+_DECODE_ERRORS: Final = (OSError, SyntaxError, ValueError, EOFError, IndexError, TypeError)
+_SIXTEEN_BIT: Final = ("I;16", "I;16L", "I;16B", "I;16N")
 
 FloatArray = npt.NDArray[np.float32]
+UInt8Array = npt.NDArray[np.uint8]
+
+
+@dataclass(frozen=True)
+class ImageProbe:
+    """What an image's header declares, read without decoding any pixel data.
+
+    `work_pixels` is the decode cost in pixels: the size the decoder will actually fill (a big
+    JPEG is decoded at reduced DCT scale), times 3 for WebP (libwebp's animation decoder keeps two
+    canvases beside the image). Decide inline vs. worker thread, and budget memory, by it.
+    """
+
+    format: str
+    width: int
+    height: int
+    frames: int
+    mode: str
+    work_pixels: int
+
+    @property
+    def pixels(self) -> int:
+        """Declared width × height (what `max_pixels` limits)."""
+        return self.width * self.height
 
 
 def sniff_format(data: bytes) -> str:
@@ -69,54 +103,102 @@ def sniff_format(data: bytes) -> str:
     raise UnsupportedImageFormat("not a supported image; send PNG, JPEG, WebP, BMP or GIF")
 
 
-def decode_image(data: bytes, max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS) -> Image.Image:
-    """Decode `data` with the one Pillow plugin its signature names; refuse bombs by header."""
+def _open(data: bytes, fmt: str) -> tuple[Image.Image, ImageProbe]:
+    """Open `data` lazily (header only), set a JPEG's decoder to luminance (a big one at reduced
+    DCT scale), and probe it. Callers turn Pillow's exceptions into ours (`_refusal`)."""
+    image = Image.open(io.BytesIO(data), formats=[fmt])
+    width, height = image.size
+    if width <= 0 or height <= 0:
+        raise InvalidImage(f"the {fmt} header declares an empty image")
+    frames = int(getattr(image, "n_frames", 1))
+    if fmt == "JPEG":
+        big = max(width, height) > _DRAFT_ABOVE
+        image.draft("L", (WORK_SIDE, WORK_SIDE) if big else None)
+    work_w, work_h = image.size
+    work = work_w * work_h * (3 if fmt == "WEBP" else 1)
+    return image, ImageProbe(fmt, width, height, frames, image.mode, work)
+
+
+def _refusal(fmt: str, exc: BaseException) -> InvalidImage:
+    if isinstance(exc, (Image.DecompressionBombError, Image.DecompressionBombWarning)):
+        return ImageTooLarge(f"the image declares too many pixels: {exc}")
+    return InvalidImage(f"the {fmt} data is truncated or corrupt ({type(exc).__name__})")
+
+
+_BOMB: Final = (Image.DecompressionBombError, Image.DecompressionBombWarning)
+
+
+def probe_image(data: bytes) -> ImageProbe:
+    """Format, size, frame count and decode cost of `data`, from its header; raises InvalidImage."""
     fmt = sniff_format(data)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            image = Image.open(io.BytesIO(data), formats=[fmt])
-            width, height = image.size
-            if width <= 0 or height <= 0:
-                raise InvalidImage(f"the {fmt} header declares an empty image")
-            if width * height > max_pixels:
-                raise ImageTooLarge(
-                    f"the image is {width}×{height} = {width * height} pixels; "
-                    f"the limit is {max_pixels}"
-                )
-            if fmt == "JPEG" and max(width, height) > 2 * WORK_SIDE:
-                image.draft(None, (WORK_SIDE, WORK_SIDE))  # decode at 1/2–1/8 scale (DCT)
-            image.seek(0)
+            image, probe = _open(data, fmt)
+            image.close()
+    except (*_BOMB, *_DECODE_ERRORS) as exc:
+        raise _refusal(fmt, exc) from None
+    return probe
+
+
+def check_limits(probe: ImageProbe, max_pixels: int, max_work_pixels: int) -> None:
+    """Raise ImageTooLarge when `probe` declares more than the limits allow."""
+    if probe.pixels > max_pixels:
+        raise ImageTooLarge(
+            f"the image is {probe.width}×{probe.height} = {probe.pixels} pixels; "
+            f"the limit is {max_pixels}"
+        )
+    if probe.work_pixels > max_work_pixels:
+        raise ImageTooLarge(
+            f"the {probe.format} image is {probe.width}×{probe.height}: decoding it would fill "
+            f"{probe.work_pixels} pixels; the limit is {max_work_pixels} (send a smaller image "
+            "or a JPEG)"
+        )
+    if probe.frames > MAX_FRAMES:
+        raise ImageTooLarge(f"the image has {probe.frames} frames; the limit is {MAX_FRAMES}")
+
+
+def decode_image(
+    data: bytes,
+    max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS,
+    max_work_pixels: int = DEFAULT_MAX_WORK_PIXELS,
+) -> Image.Image:
+    """Decode the first frame of `data`, upright; refuse bombs from the header, before decoding."""
+    fmt = sniff_format(data)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            image, probe = _open(data, fmt)
+            check_limits(probe, max_pixels, max_work_pixels)
+            if probe.frames > 1:
+                image.seek(0)
             image.load()
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
-        raise ImageTooLarge(f"the image declares too many pixels: {exc}") from None
-    except InvalidImage:
-        raise
-    except (OSError, SyntaxError, ValueError, EOFError, IndexError, TypeError) as exc:
-        raise InvalidImage(
-            f"the {fmt} data is truncated or corrupt ({type(exc).__name__})"
-        ) from None
+            if "exif" in image.info and image.getexif().get(0x0112, 1) != 1:
+                image = ImageOps.exif_transpose(image)
+    except (*_BOMB, *_DECODE_ERRORS) as exc:
+        raise _refusal(fmt, exc) from None
     return image
 
 
-def to_grayscale(image: Image.Image) -> FloatArray:
-    """Any mode → H×W float32 in [0, 1]; transparency is laid over white, 16-bit is scaled down."""
+def to_gray_u8(image: Image.Image) -> UInt8Array:
+    """Any mode → H×W uint8 luminance; transparency laid over white; 16/32-bit scaled to 8-bit."""
     mode = image.mode
-    if mode in ("I;16", "I;16L", "I;16B", "I;16N", "I"):
-        arr = np.asarray(image, dtype=np.float32)
-        top = 65535.0 if mode.startswith("I;16") or arr.max(initial=0) > 255 else 255.0
-        return np.asarray(np.clip(arr / top, 0.0, 1.0), dtype=np.float32)
+    if mode in _SIXTEEN_BIT or mode == "I":
+        wide = np.asarray(image)
+        if mode == "I" and int(wide.max(initial=0)) <= 255:
+            return np.asarray(np.clip(wide, 0, 255), dtype=np.uint8)
+        return np.asarray(np.clip(wide, 0, 65535) >> 8, dtype=np.uint8)
     if mode == "F":
-        arr = np.asarray(image, dtype=np.float32)
-        top = 255.0 if arr.max(initial=0) > 1.0 else 1.0
-        return np.asarray(np.clip(arr / top, 0.0, 1.0), dtype=np.float32)
+        real = np.nan_to_num(np.asarray(image, dtype=np.float32))
+        top = 255.0 if float(real.max(initial=0)) > 1.0 else 1.0
+        return np.asarray(np.clip(real * (255.0 / top), 0, 255), dtype=np.uint8)
     if mode in ("RGBA", "LA", "PA", "La", "RGBa") or "transparency" in image.info:
         rgba = image.convert("RGBA")
         white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
         image = Image.alpha_composite(white, rgba)
     if image.mode != "L":
         image = image.convert("L")
-    return np.asarray(image, dtype=np.float32) / np.float32(255.0)
+    return np.asarray(image, dtype=np.uint8)
 
 
 def _border_mean(arr: FloatArray) -> float:
@@ -129,67 +211,37 @@ def is_mnist_format(arr: FloatArray) -> bool:
     return arr.shape == (MNIST_SIZE, MNIST_SIZE) and _border_mean(arr) < 0.5
 
 
-def normalise_like_mnist(arr: FloatArray) -> FloatArray:
-    """A digit of any size and polarity → MNIST's 28×28 layout (20×20 box, centred by mass)."""
-    if _border_mean(arr) >= 0.5:
-        arr = 1.0 - arr
-    background = float(np.median(np.concatenate([arr[0], arr[-1], arr[:, 0], arr[:, -1]])))
-    arr = np.clip(arr - background, 0.0, None)
-    peak = float(arr.max())
-    if peak <= 0.05:
-        return np.zeros((MNIST_SIZE, MNIST_SIZE), dtype=np.float32)
-    arr = arr / peak
-    arr[arr < 0.2] = 0.0
-    rows = np.flatnonzero(arr.max(axis=1) > 0)
-    cols = np.flatnonzero(arr.max(axis=0) > 0)
-    digit = arr[rows[0] : rows[-1] + 1, cols[0] : cols[-1] + 1]
-
-    height, width = digit.shape
-    scale = MNIST_BOX / max(height, width)
-    image = Image.fromarray((digit * 255.0).astype(np.uint8), mode="L")
-    # MNIST strokes are ~2-3 px wide after scaling; thicken thin pen strokes before shrinking.
-    stroke_px = round(1.0 / scale)
-    if stroke_px >= 3:
-        image = image.filter(ImageFilter.MaxFilter(min(stroke_px | 1, 15)))
-    new_w = max(1, round(width * scale))
-    new_h = max(1, round(height * scale))
-    image = image.resize((new_w, new_h), Image.Resampling.LANCZOS)
-    small = np.asarray(image, dtype=np.float32) / np.float32(255.0)
-
-    canvas = np.zeros((MNIST_SIZE, MNIST_SIZE), dtype=np.float32)
-    total = float(small.sum())
-    ys, xs = np.indices(small.shape)
-    cy = float((ys * small).sum() / total) if total > 0 else new_h / 2
-    cx = float((xs * small).sum() / total) if total > 0 else new_w / 2
-    top = round(MNIST_SIZE / 2 - cy)
-    left = round(MNIST_SIZE / 2 - cx)
-    top = min(max(top, 0), MNIST_SIZE - new_h)
-    left = min(max(left, 0), MNIST_SIZE - new_w)
-    canvas[top : top + new_h, left : left + new_w] = small
-    return np.clip(canvas, 0.0, 1.0)
-
-
-def shrink_for_work(image: Image.Image) -> Image.Image:
-    """A big image box-reduced by an integer factor to about `WORK_SIDE` a side; others as is."""
-    side = max(image.size)
-    if side <= 2 * WORK_SIDE:
-        return image
-    if image.mode in ("1", "P", "PA"):
-        image = image.convert("RGBA")  # keeps a palette's transparency as alpha
-    try:
-        return image.reduce(-(-side // WORK_SIDE))
-    except ValueError:  # a mode reduce() does not support (e.g. 16-bit): keep full size
-        return image
+def shrink_for_work(gray: UInt8Array) -> UInt8Array:
+    """Reduce (area-average) to at most `WORK_SIDE` px a side; smaller images as they are."""
+    height, width = gray.shape
+    side = max(height, width)
+    if side <= WORK_SIDE:
+        return gray
+    scale = WORK_SIDE / side
+    size = (max(1, round(width * scale)), max(1, round(height * scale)))
+    return np.asarray(cv2.resize(gray, size, interpolation=cv2.INTER_AREA), dtype=np.uint8)
 
 
 def image_to_input(image: Image.Image) -> FloatArray:
     """A decoded image → the model's 28×28 float32 input in [0, 1]."""
-    arr = to_grayscale(shrink_for_work(image))
-    if is_mnist_format(arr):
-        return arr
-    return normalise_like_mnist(arr)
+    if image.size == (MNIST_SIZE, MNIST_SIZE) and image.mode == "L":
+        # tobytes + frombuffer: cheaper than NumPy's array-interface path for a tiny image.
+        pixels = np.frombuffer(image.tobytes(), dtype=np.uint8).reshape(MNIST_SIZE, MNIST_SIZE)
+        arr = pixels.astype(np.float32) / np.float32(255.0)
+        if is_mnist_format(arr):
+            return arr  # the training data's own form, exactly as training reads it
+    gray = to_gray_u8(image)
+    if gray.shape == (MNIST_SIZE, MNIST_SIZE):
+        arr = gray.astype(np.float32) / np.float32(255.0)
+        if is_mnist_format(arr):
+            return arr
+    return locate_digit(shrink_for_work(gray))
 
 
-def bytes_to_input(data: bytes, max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS) -> FloatArray:
+def bytes_to_input(
+    data: bytes,
+    max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS,
+    max_work_pixels: int = DEFAULT_MAX_WORK_PIXELS,
+) -> FloatArray:
     """Bytes of an allow-listed image → the model's 28×28 float32 input; raises InvalidImage."""
-    return image_to_input(decode_image(data, max_pixels=max_pixels))
+    return image_to_input(decode_image(data, max_pixels, max_work_pixels))

@@ -28,6 +28,8 @@ class TrainConfig:
     train_bs: int = 32
     test_bs: int = 1000
     augment: bool = True
+    photos: int = 1500
+    photo_rate: float = 0.3
     model_checkpoint_interval: int = 0
     device: str = "cpu"
     num_threads: int = 0
@@ -69,6 +71,8 @@ def _validate(config: TrainConfig) -> TrainConfig:
     for name in ("model_checkpoint_interval", "num_threads", "train_limit", "golden_count"):
         if getattr(config, name) < 0:
             raise ConfigError(f"{name} must not be negative")
+    if config.photos < 0 or not 0 <= config.photo_rate <= 1:
+        raise ConfigError("photos must not be negative and photo_rate must be in [0, 1]")
     if config.lr <= 0 or not 0 < config.gamma <= 1:
         raise ConfigError("lr must be positive and gamma in (0, 1]")
     if config.device not in DEVICES:

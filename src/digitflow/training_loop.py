@@ -11,6 +11,7 @@ from torch import nn
 from tqdm import tqdm
 
 from digitflow.data import DigitSet
+from digitflow.photo_training import PhotoSet
 
 
 @dataclass(frozen=True)
@@ -55,8 +56,9 @@ def train_one_epoch(
     augmentation: Augmentation | None = None,
     progress: bool = False,
     description: str = "train",
+    photos: PhotoSet | None = None,
 ) -> EpochMetrics:
-    """Shuffle, (optionally) augment and fit one pass over `data`."""
+    """Shuffle, (optionally) swap in photo renderings and augment, and fit one pass over `data`."""
     model.train()
     order = torch.randperm(len(data), generator=generator)
     total_loss, correct = 0.0, 0
@@ -69,6 +71,8 @@ def train_one_epoch(
     ):
         index = order[start : start + batch_size]
         images, labels = data.images[index], data.labels[index]
+        if photos is not None:
+            images = photos.swap(index, images, generator)
         if augmentation is not None:
             images = augmentation(images, generator)
         images, labels = images.to(device), labels.to(device)

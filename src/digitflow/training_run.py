@@ -19,6 +19,7 @@ from digitflow.data import DigitSet, load_split
 from digitflow.device import device_from_name
 from digitflow.golden import GoldenImage, write_golden
 from digitflow.model import Net
+from digitflow.photo_training import render_photo_set
 from digitflow.run_layout import CONFIG_ARTIFACT, GOLDEN_FILENAME
 from digitflow.tracking import TrackingTarget, ensure_experiment
 from digitflow.training_config import TrainConfig
@@ -128,6 +129,11 @@ def _fit(
     optimiser = torch.optim.Adadelta(model.parameters(), lr=config.lr)
     scheduler = torch.optim.lr_scheduler.StepLR(optimiser, step_size=1, gamma=config.gamma)
     augmentation = Augmentation() if config.augment else None
+    photos = (
+        render_photo_set(train.images, config.photos, config.photo_rate, config.seed)
+        if config.photos and config.photo_rate > 0
+        else None
+    )
     fitted: _Fitted | None = None
     for epoch in range(1, config.epochs + 1):
         description = f"epoch {epoch}/{config.epochs}"
@@ -142,6 +148,7 @@ def _fit(
                 augmentation,
                 progress=progress,
                 description=description,
+                photos=photos,
             ),
             test=evaluate(model, test, device, config.test_bs),
         )

@@ -1,0 +1,75 @@
+"""The default model reads phone photos (each condition) and canvas drawings of HELD-OUT digits.
+
+The photos and drawings are rendered by `digitflow.photo_synth` from the test split only, the way
+`benchmarks/photos.py` builds its benchmark (which reports the full figures in the README).
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from digitflow import paths
+from digitflow.default_model import ensure_default_model
+from digitflow.inference import Classifier
+from digitflow.photo_synth import CONDITIONS, render_drawing, render_photo
+from digitflow.preprocess import bytes_to_input
+
+PER_CONDITION = 60
+
+
+@pytest.fixture(scope="module")
+def default_classifier(data_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Classifier:
+    """The model `make serve` trains with nothing configured (the default config, ~3 min)."""
+    mlruns = tmp_path_factory.mktemp("default-mlruns")
+    model = ensure_default_model(paths.DEFAULT_TRAIN_CONFIG, data_dir, mlruns, progress=False)
+    return Classifier.from_checkpoint(model.model_path)
+
+
+@pytest.fixture(scope="module")
+def held_out(data_dir: Path) -> list[tuple[np.ndarray, int]]:
+    with (data_dir / "test.csv").open(newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    digits = []
+    for row in rows[::5]:
+        with Image.open(data_dir / row["filepath"]) as image:
+            digits.append((np.asarray(image.convert("L"), dtype=np.uint8), int(row["label"])))
+    return digits
+
+
+def _accuracy(classifier: Classifier, blobs: list[bytes], labels: list[int]) -> float:
+    predictions = classifier.predict(np.stack([bytes_to_input(b) for b in blobs]))
+    return float(np.mean([p.label == y for p, y in zip(predictions, labels, strict=True)]))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("condition", CONDITIONS)
+def test_the_default_model_reads_at_least_90_percent_of_photos_in_each_condition(
+    default_classifier: Classifier, held_out: list[tuple[np.ndarray, int]], condition: str
+) -> None:
+    rng = np.random.default_rng(100 + CONDITIONS.index(condition))
+    sample = held_out[:PER_CONDITION]
+    blobs = [render_photo(digit, condition, rng) for digit, _ in sample]
+    accuracy = _accuracy(default_classifier, blobs, [label for _, label in sample])
+    print(f"{condition}: {accuracy:.3f}")
+    assert accuracy >= 0.90
+
+
+@pytest.mark.slow
+def test_the_default_model_reads_canvas_drawings_on_a_transparent_background(
+    default_classifier: Classifier, held_out: list[tuple[np.ndarray, int]]
+) -> None:
+    rng = np.random.default_rng(7)
+    sample = held_out[:100]
+    blobs = [render_drawing(digit, rng) for digit, _ in sample]
+    with Image.open(io.BytesIO(blobs[0])) as first:
+        assert first.mode == "RGBA" and first.size == (280, 280)
+        assert first.getchannel("A").getextrema()[0] == 0  # transparent background
+    accuracy = _accuracy(default_classifier, blobs, [label for _, label in sample])
+    print(f"drawn: {accuracy:.3f}")
+    assert accuracy >= 0.95
