@@ -223,7 +223,7 @@ def _bomb_png() -> bytes:
     [
         ("text", 415, "not a supported image"),
         ("truncated", 400, "image_file #1"),
-        ("empty", 400, "empty file"),
+        ("empty", 400, "file is empty"),
         ("bomb", 413, "pixels"),
     ],
 )

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import concurrent.futures
+import io
 import json
 import selectors
 import socket
@@ -14,6 +15,7 @@ from pathlib import Path
 
 import httpx
 import pytest
+from PIL import Image
 
 from tests.support.gunicorn_server import TrainedModel, serve
 from tests.support.processes import ServerProcess
@@ -230,3 +232,19 @@ def test_a_content_type_that_is_not_utf8_gets_415(server: ServerProcess) -> None
         status, body = status_and_body(read_until_closed(sock, timeout=10))
     assert status == 415
     assert "multipart/form-data" in str(body["detail"])
+
+
+def test_sixteen_tiny_files_declaring_huge_16_bit_images_are_refused_at_once(
+    server: ServerProcess,
+) -> None:
+    # 16 PNGs of ~27 KB, each 3200x3200 16-bit: decoded on the loop, they stopped a worker 30 s.
+    out = io.BytesIO()
+    Image.new("I;16", (3200, 3200), 65535).save(out, "PNG", optimize=True)
+    files = [("image_file", (f"{i}.png", out.getvalue())) for i in range(16)]
+    started = time.monotonic()
+    answer = httpx.post(server.url + "/api/v1/model/predict", files=files, timeout=60)
+    assert answer.status_code == 413, answer.text
+    assert "MAX_DECODE_PIXELS" in answer.json()["detail"]
+    assert httpx.get(server.url + "/health", timeout=5).status_code == 200
+    assert "WORKER TIMEOUT" not in server.log()
+    print(f"16 x 3200x3200 16-bit PNGs refused in {time.monotonic() - started:.2f} s")

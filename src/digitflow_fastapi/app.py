@@ -29,6 +29,7 @@ from digitflow.settings import read_core_settings
 from digitflow_fastapi import metrics
 from digitflow_fastapi.asgi import LeanFastAPI
 from digitflow_fastapi.config import Settings, get_settings
+from digitflow_fastapi.decoding import DecodeLimits, ImageDecoder
 from digitflow_fastapi.deps import ModelService
 from digitflow_fastapi.docs import install_docs
 from digitflow_fastapi.errors import install_error_handlers
@@ -173,6 +174,14 @@ def create_app(settings: Settings | None = None, classifier: Classifier | None =
     )
     app.state.service = None
     app.state.settings = conf
+    app.state.decoder = ImageDecoder(
+        DecodeLimits(
+            max_pixels=conf.MAX_IMAGE_PIXELS,
+            max_work_pixels=conf.MAX_DECODE_PIXELS,
+            max_request_work_pixels=conf.MAX_REQUEST_DECODE_PIXELS,
+            large_slots=conf.MAX_LARGE_DECODES_PER_WORKER,
+        )
+    )
     app.state.readiness = NOT_LOADED
     install_error_handlers(app)
     install_docs(app)

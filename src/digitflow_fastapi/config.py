@@ -22,6 +22,7 @@ from pydantic import (
 
 from digitflow import paths
 from digitflow.errors import ConfigError
+from digitflow.preprocess import DEFAULT_MAX_WORK_PIXELS
 from digitflow.settings import ModelSettings, one_line
 
 
@@ -39,6 +40,9 @@ class Settings(ModelSettings):
     MAX_UPLOAD_BYTES: PositiveInt = 10 * 1024 * 1024
     MAX_IMAGE_PIXELS: PositiveInt = 20_000_000
     MAX_FILES_PER_REQUEST: PositiveInt = 64
+    MAX_DECODE_PIXELS: PositiveInt = DEFAULT_MAX_WORK_PIXELS
+    MAX_REQUEST_DECODE_PIXELS: PositiveInt = 16 * 1024 * 1024
+    MAX_LARGE_DECODES_PER_WORKER: PositiveInt = 2
     HEADER_TIMEOUT_S: PositiveFloat = 10.0
     BODY_TIMEOUT_S: PositiveFloat = 30.0
     MAX_HEADER_BYTES: PositiveInt = 16 * 1024

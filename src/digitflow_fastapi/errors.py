@@ -12,10 +12,13 @@ from digitflow_fastapi.responses import OrjsonResponse
 class RequestError(Exception):
     """A client error with its HTTP status."""
 
-    def __init__(self, status_code: int, detail: str) -> None:
+    def __init__(
+        self, status_code: int, detail: str, headers: dict[str, str] | None = None
+    ) -> None:
         super().__init__(detail)
         self.status_code = status_code
         self.detail = detail
+        self.headers = headers
 
 
 def status_for(error: InvalidImage) -> int:
@@ -29,7 +32,7 @@ def status_for(error: InvalidImage) -> int:
 
 def error_response(exc: RequestError) -> OrjsonResponse:
     """The JSON answer for a client error: `{"detail": ...}` with its status (both routes)."""
-    return OrjsonResponse({"detail": exc.detail}, status_code=exc.status_code)
+    return OrjsonResponse({"detail": exc.detail}, status_code=exc.status_code, headers=exc.headers)
 
 
 def install_error_handlers(app: FastAPI) -> None:

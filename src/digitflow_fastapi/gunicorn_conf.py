@@ -34,7 +34,6 @@ from typing import Any
 __all__ = ["control_socket_disable", "on_exit", "on_starting", "post_worker_init", "reuse_port"]
 
 
-
 def _reuse_port() -> bool:
     from digitflow.errors import ConfigError
     from digitflow_fastapi.config import get_settings

@@ -22,6 +22,7 @@ import orjson
 from fastapi import APIRouter, Request
 from starlette.responses import PlainTextResponse, Response
 
+from digitflow_fastapi.decoding import ImageDecoder
 from digitflow_fastapi.deps import get_app_settings
 from digitflow_fastapi.errors import RequestError
 from digitflow_fastapi.model_inputs import (
@@ -154,7 +155,7 @@ async def invocations_lean(request: Request) -> Response:
             document = orjson.loads(body)
         except orjson.JSONDecodeError as exc:
             raise RequestError(400, f"the request is not valid JSON: {exc}") from None
-        batch = await _batch(document, settings.MAX_FILES_PER_REQUEST, settings.MAX_IMAGE_PIXELS)
+        batch = await _batch(document, settings.MAX_FILES_PER_REQUEST, request.app.state.decoder)
         predictions = await predict_batch(request, batch)
     except RequestError as exc:
         return mlflow_error(exc)
@@ -167,7 +168,7 @@ async def invocations_lean(request: Request) -> Response:
     )
 
 
-async def _batch(document: Any, max_images: int, max_pixels: int) -> FloatBatch:
+async def _batch(document: Any, max_images: int, decoder: ImageDecoder) -> FloatBatch:
     """The images of any accepted format as N×28×28 float32."""
     if not isinstance(document, dict):
         raise RequestError(400, f"the request must be a JSON object with one of {list(FORMATS)}")
@@ -192,7 +193,7 @@ async def _batch(document: Any, max_images: int, max_pixels: int) -> FloatBatch:
             decode_base64(item["b64"] if isinstance(item, dict) else item, f"{key}[{i}]")
             for i, item in enumerate(items)
         ]
-        return await images_to_batch(blobs, max_pixels, lambda i: f"{key}[{i}]")
+        return await images_to_batch(decoder, blobs, lambda i: f"{key}[{i}]")
     if any(_is_image(item) for item in items):
         raise RequestError(400, f"{key}: mixes base64 images and pixel arrays")
     return pixels_to_batch(items, key)

@@ -1,7 +1,8 @@
 """Inputs shared by the v2 and MLflow routes: a capped body, images and pixel tensors → a batch.
 
 Both routes reach the model the way the seed route does: the same image decoder and preprocess
-(`digitflow.preprocess` via `_to_input`), the same size caps and the same per-worker batcher.
+(`digitflow.preprocess` via the worker's `decoding.ImageDecoder`), the same size caps and the
+same per-worker batcher.
 """
 
 from __future__ import annotations
@@ -14,12 +15,11 @@ import numpy as np
 import numpy.typing as npt
 from starlette.requests import Request
 
-from digitflow.errors import InvalidImage
 from digitflow.inference import Prediction
 from digitflow_fastapi import metrics
+from digitflow_fastapi.decoding import ImageDecoder
 from digitflow_fastapi.deps import get_app_settings, get_service
-from digitflow_fastapi.errors import RequestError, status_for
-from digitflow_fastapi.v1.routers.model import _to_input
+from digitflow_fastapi.errors import RequestError
 
 FloatBatch = npt.NDArray[np.float32]
 
@@ -56,18 +56,10 @@ def decode_base64(text: object, label: str) -> bytes:
 
 
 async def images_to_batch(
-    blobs: Sequence[bytes], max_pixels: int, label_of: Callable[[int], str]
+    decoder: ImageDecoder, blobs: Sequence[bytes], label_of: Callable[[int], str]
 ) -> FloatBatch:
-    """Encoded images → N×28×28 float32 through THE preprocess; errors name the image."""
-    inputs = []
-    for index, blob in enumerate(blobs):
-        try:
-            if not blob:
-                raise InvalidImage("the file is empty")
-            inputs.append(await _to_input(blob, max_pixels))
-        except InvalidImage as exc:
-            raise RequestError(status_for(exc), f"{label_of(index)}: {exc}") from exc
-    return np.stack(inputs)
+    """Encoded images → N×28×28 float32 through the worker's decoder; errors name the image."""
+    return await decoder.decode_all(blobs, label_of)
 
 
 def pixels_to_batch(values: npt.ArrayLike, label: str) -> FloatBatch:

@@ -220,7 +220,7 @@ async def answer_infer(request: Request, name: str, version: str | None) -> Resp
         body = await read_body(request, settings.MAX_UPLOAD_BYTES)
         document, binary = split_body(body, request.headers.get(HEADER_LENGTH))
         requested = requested_outputs(document)
-        batch = await input_batch(document, binary, settings)
+        batch = await input_batch(document, binary, settings, request.app.state.decoder)
         predictions = await predict_batch(request, batch)
     except RequestError as exc:
         return _problem(exc)

@@ -10,6 +10,7 @@ import numpy as np
 import orjson
 
 from digitflow_fastapi.config import Settings
+from digitflow_fastapi.decoding import ImageDecoder
 from digitflow_fastapi.errors import RequestError
 from digitflow_fastapi.model_inputs import (
     FloatBatch,
@@ -72,7 +73,9 @@ def _binary_size(tensor: dict[str, Any], label: str) -> int | None:
     return size
 
 
-async def input_batch(document: dict[str, Any], binary: bytes, settings: Settings) -> FloatBatch:
+async def input_batch(
+    document: dict[str, Any], binary: bytes, settings: Settings, decoder: ImageDecoder
+) -> FloatBatch:
     """The request's one input as N×28×28 float32."""
     inputs = document.get("inputs")
     if not isinstance(inputs, list) or len(inputs) != 1 or not isinstance(inputs[0], dict):
@@ -115,7 +118,7 @@ async def input_batch(document: dict[str, Any], binary: bytes, settings: Setting
     else:
         items = _flat_data(tensor, label, count, numeric=False)
         blobs = [decode_base64(item, f"{label}[{i}]") for i, item in enumerate(items)]
-    return await images_to_batch(blobs, settings.MAX_IMAGE_PIXELS, lambda i: f"{label}[{i}]")
+    return await images_to_batch(decoder, blobs, lambda i: f"{label}[{i}]")
 
 
 def _flat_data(tensor: dict[str, Any], label: str, count: int, numeric: bool) -> list[Any]:

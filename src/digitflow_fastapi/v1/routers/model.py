@@ -7,13 +7,11 @@ from typing import Annotated, Any
 import numpy as np
 import numpy.typing as npt
 from fastapi import APIRouter, Depends, Query, Request
-from starlette.concurrency import run_in_threadpool
 
-from digitflow.errors import InvalidImage
-from digitflow.preprocess import bytes_to_input
 from digitflow_fastapi import metrics
+from digitflow_fastapi.decoding import ImageDecoder
 from digitflow_fastapi.deps import ModelService, get_app_settings, get_service
-from digitflow_fastapi.errors import RequestError, status_for
+from digitflow_fastapi.errors import RequestError
 from digitflow_fastapi.responses import OrjsonResponse
 from digitflow_fastapi.schemas import ErrorResponse, ExplainedPredictResponse, VersionResponse
 from digitflow_fastapi.uploads import read_multipart
@@ -112,18 +110,6 @@ def query_flag(request: Request, name: str) -> bool:
     return lowered in _TRUE
 
 
-# A small image (an MNIST PNG is ~300 bytes) costs less to decode than a thread hop; a big photo
-# can take a second, which inline would stall every other request on this worker's event loop.
-INLINE_DECODE_BYTES = 32 * 1024
-
-
-async def _to_input(data: bytes, max_pixels: int) -> npt.NDArray[np.float32]:
-    """Decode + preprocess one upload: inline when small, in a worker thread when big."""
-    if len(data) <= INLINE_DECODE_BYTES:
-        return bytes_to_input(data, max_pixels=max_pixels)
-    return await run_in_threadpool(bytes_to_input, data, max_pixels=max_pixels)
-
-
 async def answer_predict(
     request: Request, probabilities: bool, explain: bool = False
 ) -> OrjsonResponse:
@@ -141,16 +127,12 @@ async def answer_predict(
         names = sorted({part.name for part in parts})
         found = f"; got {', '.join(repr(n[:40]) for n in names)}" if names else ""
         raise RequestError(422, f"missing form field {FIELD!r}{found}")
-    inputs = []
-    for index, part in enumerate(files):
-        try:
-            if not part.data:
-                raise InvalidImage("empty file")
-            inputs.append(await _to_input(bytes(part.data), settings.MAX_IMAGE_PIXELS))
-        except InvalidImage as exc:
-            label = f"{FIELD} #{index + 1} ({(part.filename or '')[:100]!r})"
-            raise RequestError(status_for(exc), f"{label}: {exc}") from exc
-    predictions = await service.batcher.predict(np.stack(inputs))  # float32 already
+    decoder: ImageDecoder = request.app.state.decoder
+    inputs = await decoder.decode_all(
+        [bytes(part.data) for part in files],
+        lambda i: f"{FIELD} #{i + 1} ({(files[i].filename or '')[:100]!r})",
+    )
+    predictions = await service.batcher.predict(inputs)  # float32 already
     metrics.METRICS.images += len(predictions)
     data: list[dict[str, Any]] = []
     for part, pred, image in zip(files, predictions, inputs, strict=True):
