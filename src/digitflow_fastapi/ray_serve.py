@@ -17,6 +17,7 @@ cluster, otherwise it starts a small local one that lives as long as the command
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import math
 import os
@@ -31,6 +32,7 @@ from fastapi import FastAPI
 from pydantic import BaseModel, Field
 from ray import serve
 from ray.serve import Application
+from ray.serve.deployment import Deployment
 
 from digitflow.errors import DigitflowError
 from digitflow.model_refs import parse_reference, resolve_run_id, resolve_served_model
@@ -97,9 +99,7 @@ def replica_settings(pin: ModelPin, threads: int) -> Settings:
     )
 
 
-@serve.deployment(name=DEPLOYMENT_NAME, max_ongoing_requests=DEFAULT_MAX_ONGOING)
-@serve.ingress()
-class DigitflowAPI:
+class DigitflowReplica:
     """One replica: digitflow's FastAPI app, built and started inside the replica's process."""
 
     def __init__(self, pin: ModelPin, threads: int = 1) -> None:
@@ -115,6 +115,11 @@ class DigitflowAPI:
         app: Any = getattr(self, "app", None)
         if app is None or not app.state.readiness.ready:
             raise RuntimeError("digitflow model not ready (see the replica's log)")
+
+
+DigitflowAPI: Deployment = serve.deployment(
+    name=DEPLOYMENT_NAME, max_ongoing_requests=DEFAULT_MAX_ONGOING
+)(serve.ingress()(DigitflowReplica))
 
 
 class AppArgs(BaseModel):
@@ -218,14 +223,20 @@ def main(argv: list[str] | None = None) -> int:
         sys.stderr.write(f"error: Ray Serve deployment failed: {exc}\n")
         return 1
     finally:
-        if address:
+        stop_serving(joined=bool(address))
+    return 0
+
+
+def stop_serving(joined: bool) -> None:
+    """Remove the app from a joined cluster, or shut Serve and the local cluster down."""
+    import ray
+
+    with contextlib.suppress(Exception):  # best effort: Ray may already be gone
+        if joined:
             serve.delete(APP_NAME)
         else:
-            serve.shutdown()
-        import ray
-
-        ray.shutdown()
-    return 0
+            serve.shutdown()  # type: ignore[no-untyped-call]
+    ray.shutdown()
 
 
 if __name__ == "__main__":
