@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import importlib
 import os
 import shutil
 import signal
@@ -19,7 +20,10 @@ from pathlib import Path
 import httpx
 import numpy as np
 import pytest
+import yaml
 
+from digitflow import paths
+from digitflow.errors import ModelNotFound
 from digitflow.inference import Classifier
 from digitflow.preprocess import bytes_to_input
 from digitflow.settings import StoreConfig
@@ -27,11 +31,10 @@ from digitflow_fastapi.ray_serve import ModelPin, pin_model
 from tests.support.gunicorn_server import TrainedModel
 from tests.support.processes import ServerProcess, free_port, start_process
 
-pytestmark = pytest.mark.slow
-
 PREDICT = "/api/v1/model/predict"
 DIGITFLOW = str(Path(sys.executable).parent / "digitflow")
 REPLICA_TITLE = b"ray::ServeReplica:digitflow:DigitflowAPI"
+SERVE_CONFIG = paths.PROJECT_ROOT / "deploy" / "ray" / "serve_config.yaml"
 
 
 def _parent(pid: int) -> int | None:
@@ -140,6 +143,7 @@ def upload(path: Path, name: str | None = None) -> dict[str, tuple[str, bytes, s
     return {"image_file": (name or path.name, path.read_bytes(), "image/png")}
 
 
+@pytest.mark.slow
 def test_ray_engine_answers_200_held_out_images_exactly_as_the_model_does(
     client: httpx.Client, held_out: list[tuple[Path, int]], trained_model: TrainedModel
 ) -> None:
@@ -160,6 +164,7 @@ def test_ray_engine_answers_200_held_out_images_exactly_as_the_model_does(
     assert accuracy > 0.9
 
 
+@pytest.mark.slow
 def test_ray_engine_answers_several_files_in_one_request_in_order(
     client: httpx.Client, held_out: list[tuple[Path, int]]
 ) -> None:
@@ -172,6 +177,7 @@ def test_ray_engine_answers_several_files_in_one_request_in_order(
     assert [d["image_filename"] for d in r.json()["data"]] == [f"{i}.png" for i in range(8)]
 
 
+@pytest.mark.slow
 def test_ray_engine_reports_the_served_run_uuid(
     client: httpx.Client, trained_model: TrainedModel
 ) -> None:
@@ -180,12 +186,14 @@ def test_ray_engine_reports_the_served_run_uuid(
     assert r.json() == {"data": {"model_uuid": trained_model.run_id}}
 
 
+@pytest.mark.slow
 def test_ray_engine_rejects_a_text_file_with_the_same_415_json(client: httpx.Client) -> None:
     r = client.post(PREDICT, files={"image_file": ("notes.txt", b"hello", "text/plain")})
     assert r.status_code == 415
     assert "not a supported image" in r.json()["detail"]
 
 
+@pytest.mark.slow
 def test_ray_engine_rejects_a_body_without_image_file_with_a_4xx_json(
     client: httpx.Client,
 ) -> None:
@@ -194,11 +202,16 @@ def test_ray_engine_rejects_a_body_without_image_file_with_a_4xx_json(
     assert "image_file" in r.json()["detail"]
 
 
-def test_pinning_a_checkpoint_path_keeps_the_path_and_the_given_uuid(
-    trained_model: TrainedModel, tmp_path: Path
-) -> None:
-    pin = pin_model(trained_model.model_path, None, "abc", tmp_path, StoreConfig())
-    assert pin == ModelPin(str(trained_model.model_path), None, "abc")
+def test_pinning_a_checkpoint_path_keeps_the_path_and_the_given_uuid(tmp_path: Path) -> None:
+    checkpoint = tmp_path / "model.pt"
+    checkpoint.write_bytes(b"weights")
+    pin = pin_model(checkpoint, None, "abc", tmp_path, StoreConfig())
+    assert pin == ModelPin(str(checkpoint), None, "abc")
+
+
+def test_pinning_a_missing_checkpoint_fails_before_ray_starts(tmp_path: Path) -> None:
+    with pytest.raises(ModelNotFound):
+        pin_model(tmp_path / "gone.pt", None, None, tmp_path, StoreConfig())
 
 
 @dataclass
@@ -220,6 +233,7 @@ class Traffic:
                 self.outcomes.append((time.monotonic(), status))
 
 
+@pytest.mark.slow
 def test_a_killed_replica_is_replaced_and_requests_keep_being_answered(
     ray_server: ServerProcess, client: httpx.Client, held_out: list[tuple[Path, int]]
 ) -> None:
@@ -248,3 +262,23 @@ def test_a_killed_replica_is_replaced_and_requests_keep_being_answered(
     for path, _ in held_out[:20]:  # and the cluster, new replica included, answers them all
         assert client.post(PREDICT, files=upload(path)).status_code == 200
     assert replica_pids(ray_server) - before
+
+
+def test_the_serve_deploy_config_is_valid_and_names_this_app_and_deployment() -> None:
+    from ray.serve.schema import ServeDeploySchema
+
+    from digitflow_fastapi import ray_serve
+
+    config = ServeDeploySchema.model_validate(yaml.safe_load(SERVE_CONFIG.read_text()))
+    (app,) = config.applications
+    module, _, attribute = app.import_path.partition(":")
+    assert getattr(importlib.import_module(module), attribute) is ray_serve.build_app
+    assert ray_serve.AppArgs.model_validate(app.args).model_uri
+    assert [d.name for d in app.deployments] == [ray_serve.DEPLOYMENT_NAME]
+    assert config.http_options.port == 8080
+
+
+def test_the_serve_deploy_config_carries_no_credentials() -> None:
+    env_vars = yaml.safe_load(SERVE_CONFIG.read_text())["applications"][0]["runtime_env"]
+    names = set(env_vars["env_vars"])
+    assert not names & {"MLFLOW_TRACKING_PASSWORD", "AWS_SECRET_ACCESS_KEY", "AWS_ACCESS_KEY_ID"}
