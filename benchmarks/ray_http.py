@@ -24,6 +24,7 @@ import tempfile
 import time
 import urllib.error
 import urllib.request
+from dataclasses import dataclass
 from importlib.metadata import version
 from pathlib import Path
 from typing import Any
@@ -92,24 +93,57 @@ def stop_ray_engine(server: ServerProcess) -> None:
             os.kill(pid, signal.SIGKILL)
 
 
+@dataclass(frozen=True)
+class LoadPlan:
+    """The wrk runs every server gets."""
+
+    connections: list[int]
+    seconds: float
+    warmup: float
+
+
 def load_runs(
-    server: ServerProcess,
-    name: str,
-    processes: int,
-    bodies: dict[int, Path],
-    connections: list[int],
-    seconds: float,
-    warmup: float,
+    server: ServerProcess, name: str, processes: int, bodies: dict[int, Path], plan: LoadPlan
 ) -> list[dict[str, Any]]:
     """Every load run against one started server."""
     rows = []
     idle = http_load.memory_mib(http_load.process_tree(server.pid))
-    for c, per_request in [(c, 1) for c in connections] + [(16, 64)]:
-        row = http_load.measure(server, bodies[per_request], c, seconds, warmup, per_request)
+    for c, per_request in [(c, 1) for c in plan.connections] + [(16, 64)]:
+        row = http_load.measure(
+            server, bodies[per_request], c, plan.seconds, plan.warmup, per_request
+        )
         row.update(server=name, workers=processes, **{f"idle_{k}": v for k, v in idle.items()})
         rows.append(row)
         print(format_row(row), flush=True)
     return rows
+
+
+def bench_gunicorn(
+    checkpoint: Path, workers: int, bodies: dict[int, Path], plan: LoadPlan, log_dir: Path
+) -> list[dict[str, Any]]:
+    """`digitflow serve`'s way: gunicorn, uvicorn workers, ONNX Runtime, one thread each."""
+    spec = server_specs(checkpoint)["digitflow"]
+    spec = http_load.ServerSpec(
+        "gunicorn", spec.app, workers, spec.worker_class, spec.cwd, spec.env
+    )
+    server = http_load.start_server(spec, log_dir, bodies[1] / "0.bin")
+    try:
+        return load_runs(server, "gunicorn", workers, bodies, plan)
+    finally:
+        stop_process(server)
+
+
+def bench_ray(
+    checkpoint: Path, replicas: int, bodies: dict[int, Path], plan: LoadPlan, log_dir: Path
+) -> list[dict[str, Any]]:
+    """`digitflow serve --engine ray` on a local cluster of its own."""
+    ray_tmp = tempfile.mkdtemp(prefix="dfray-")
+    server = start_ray_engine(checkpoint, replicas, log_dir, bodies[1] / "0.bin", ray_tmp)
+    try:
+        return load_runs(server, "ray-serve", replicas, bodies, plan)
+    finally:
+        stop_ray_engine(server)
+        shutil.rmtree(ray_tmp, ignore_errors=True)
 
 
 def main() -> None:
@@ -120,11 +154,12 @@ def main() -> None:
     parser.add_argument("--warmup", type=float, default=3.0)
     parser.add_argument("--connections", default="1,16,64")
     parser.add_argument("--replicas", type=int, default=2, help="gunicorn workers = replicas")
+    parser.add_argument("--ray-first", action="store_true", help="measure Ray Serve first")
     args = parser.parse_args()
 
     checkpoint = args.checkpoint or default_checkpoint()
     samples = load_samples(args.data)
-    connections = [int(c) for c in args.connections.split(",")]
+    run = LoadPlan([int(c) for c in args.connections.split(",")], args.seconds, args.warmup)
     stamp = time.strftime("%Y%m%dT%H%M%S")
     log_dir = RESULTS_DIR / f"logs-ray-{stamp}"
     print(
@@ -139,26 +174,12 @@ def main() -> None:
             1: http_load.write_bodies(samples, Path(tmp) / "single", 1, len(samples)),
             64: http_load.write_bodies(samples, Path(tmp) / "batch64", 64, 100),
         }
-        spec = server_specs(checkpoint)["digitflow"]
-        spec = http_load.ServerSpec(
-            "gunicorn", spec.app, args.replicas, spec.worker_class, spec.cwd, spec.env
-        )
-        server = http_load.start_server(spec, log_dir, bodies[1] / "0.bin")
-        try:
-            rows += load_runs(
-                server, "gunicorn", args.replicas, bodies, connections, args.seconds, args.warmup
-            )
-        finally:
-            stop_process(server)
-        ray_tmp = tempfile.mkdtemp(prefix="dfray-")
-        server = start_ray_engine(checkpoint, args.replicas, log_dir, bodies[1] / "0.bin", ray_tmp)
-        try:
-            rows += load_runs(
-                server, "ray-serve", args.replicas, bodies, connections, args.seconds, args.warmup
-            )
-        finally:
-            stop_ray_engine(server)
-            shutil.rmtree(ray_tmp, ignore_errors=True)
+        engines = [
+            lambda: bench_gunicorn(checkpoint, args.replicas, bodies, run, log_dir),
+            lambda: bench_ray(checkpoint, args.replicas, bodies, run, log_dir),
+        ]
+        for engine in reversed(engines) if args.ray_first else engines:
+            rows += engine()
     for ray_row in (r for r in rows if r["server"] == "ray-serve"):
         key = (ray_row["connections"], ray_row["images_per_request"])
         base = next(
