@@ -118,6 +118,12 @@ def load_runs(
     return rows
 
 
+def per_cpu_second(row: dict[str, Any]) -> float:
+    """Images answered per CPU-second the server used: fair even when other load on the
+    machine leaves a server fewer cores than it could use."""
+    return float(row["images_per_s"] / max(row["server_cpu_cores"], 1e-9))
+
+
 def bench_gunicorn(
     checkpoint: Path, workers: int, bodies: dict[int, Path], plan: LoadPlan, log_dir: Path
 ) -> list[dict[str, Any]]:
@@ -190,7 +196,8 @@ def main() -> None:
         print(
             f"ray / gunicorn at c={key[0]}, {key[1]} img/req: "
             f"{ray_row['req_per_s'] / base['req_per_s']:.2f}× req/s, "
-            f"p99 {ray_row['p99_ms']:.1f} vs {base['p99_ms']:.1f} ms"
+            f"p99 {ray_row['p99_ms']:.1f} vs {base['p99_ms']:.1f} ms, images per server "
+            f"CPU-second {per_cpu_second(ray_row):,.0f} vs {per_cpu_second(base):,.0f}"
         )
     RESULTS_DIR.mkdir(parents=True, exist_ok=True)
     out = RESULTS_DIR / f"ray-http-{stamp}.json"
