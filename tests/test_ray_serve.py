@@ -7,6 +7,7 @@ import contextlib
 import csv
 import importlib
 import os
+import secrets
 import shutil
 import signal
 import sys
@@ -29,7 +30,7 @@ from digitflow.preprocess import bytes_to_input
 from digitflow.settings import StoreConfig
 from digitflow_fastapi.ray_serve import ModelPin, pin_model
 from tests.support.gunicorn_server import TrainedModel
-from tests.support.processes import ServerProcess, free_port, start_process
+from tests.support.processes import ServerProcess, free_port, free_ports, start_process
 
 PREDICT = "/api/v1/model/predict"
 DIGITFLOW = str(Path(sys.executable).parent / "digitflow")
@@ -282,3 +283,65 @@ def test_the_serve_deploy_config_carries_no_credentials() -> None:
     env_vars = yaml.safe_load(SERVE_CONFIG.read_text())["applications"][0]["runtime_env"]
     names = set(env_vars["env_vars"])
     assert not names & {"MLFLOW_TRACKING_PASSWORD", "AWS_SECRET_ACCESS_KEY", "AWS_ACCESS_KEY_ID"}
+
+
+@dataclass(frozen=True)
+class RayHead:
+    address: str
+    auth_env: dict[str, str]
+
+
+@pytest.fixture
+def ray_head(tmp_path: Path) -> Iterator[RayHead]:
+    """A separate single-node Ray head (`ray start --head --block`) on free ports and its own
+    temp folder, with its own auth token; stopped by PID afterwards."""
+    ports = free_ports(9)
+    ray_tmp = tempfile.mkdtemp(prefix="dfhead-")
+    token = tmp_path / "ray_token"
+    token.write_text(secrets.token_hex(32))
+    auth_env = {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": str(token)}
+    command = [str(Path(sys.executable).parent / "ray"), "start", "--head", "--block"]
+    command += ["--num-cpus=2", "--include-dashboard=false", "--disable-usage-stats"]
+    command += ["--object-store-memory=200000000", f"--temp-dir={ray_tmp}"]
+    names = ["port", "node-manager-port", "object-manager-port", "ray-client-server-port"]
+    names += ["dashboard-agent-listen-port", "dashboard-agent-grpc-port"]
+    names += ["runtime-env-agent-port", "metrics-export-port", "min-worker-port"]
+    command += [f"--{name}={port}" for name, port in zip(names, ports, strict=True)]
+    command += [f"--max-worker-port={ports[-1] + 50}"]
+    head = start_process(command, tmp_path / "head.log", "", env=auth_env)
+    try:
+        deadline = time.monotonic() + 180
+        while "Ray runtime started" not in head.log():
+            assert head.alive() and time.monotonic() < deadline, head.log()[-3000:]
+            time.sleep(0.5)
+        yield RayHead(f"127.0.0.1:{ports[0]}", auth_env)
+    finally:
+        stop_ray_engine(head, descendants(head.pid))
+        shutil.rmtree(ray_tmp, ignore_errors=True)
+
+
+@pytest.mark.slow
+def test_joining_a_running_cluster_serves_there_and_removes_only_its_app_on_exit(
+    ray_head: RayHead, trained_model: TrainedModel, tmp_path: Path, held_out: list[tuple[Path, int]]
+) -> None:
+    port = free_port()
+    env = {
+        "PRED_MODEL_PATH": str(trained_model.model_path),
+        "PRED_MODEL_UUID": trained_model.run_id,
+        "RAY_ADDRESS": ray_head.address,
+        **ray_head.auth_env,
+    }
+    command = [DIGITFLOW, "serve", "--engine", "ray", "--replicas", "1"]
+    command += ["--host", "127.0.0.1", "--port", str(port)]
+    engine = start_process(command, tmp_path / "engine.log", f"http://127.0.0.1:{port}", env=env)
+    try:
+        wait_until_ready(engine)
+        assert replica_pids(engine) == set()  # the replica runs under the head, not this command
+        r = httpx.post(engine.url + PREDICT, files=upload(held_out[0][0]), timeout=60)
+        assert r.status_code == 200
+        assert r.json()["data"][0]["prediction"] in "0123456789"
+    finally:
+        os.kill(engine.pid, signal.SIGTERM)
+        assert engine.process.wait(timeout=120) == 0, engine.log()[-3000:]
+    # The cluster's proxy stays up, without the app: the route is gone.
+    assert httpx.get(engine.url + "/api/v1/model/version", timeout=30).status_code == 404
