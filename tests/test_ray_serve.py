@@ -28,7 +28,9 @@ from digitflow.errors import ModelNotFound
 from digitflow.inference import Classifier
 from digitflow.preprocess import bytes_to_input
 from digitflow.settings import StoreConfig
-from digitflow_fastapi.ray_serve import ModelPin, pin_model
+from digitflow_fastapi.config import get_settings
+from digitflow_fastapi.ray_serve import ModelPin, pin_model, replica_settings
+from tests.support.artifact_stores import MlflowStack, StackRuns
 from tests.support.gunicorn_server import TrainedModel
 from tests.support.processes import ServerProcess, free_port, free_ports, start_process
 
@@ -345,3 +347,34 @@ def test_joining_a_running_cluster_serves_there_and_removes_only_its_app_on_exit
         assert engine.process.wait(timeout=120) == 0, engine.log()[-3000:]
     # The cluster's proxy stays up, without the app: the route is gone.
     assert httpx.get(engine.url + "/api/v1/model/version", timeout=30).status_code == 404
+
+
+@pytest.mark.slow
+def test_a_registry_alias_is_pinned_to_its_run_once_and_each_replica_pulls_that_run(
+    mlflow_stack: MlflowStack,
+    stack_runs: StackRuns,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    store = StoreConfig(tracking_uri=mlflow_stack.proxy.url, timeout=5.0)
+    pin = pin_model(None, "models:/digits@champion", None, tmp_path / "driver", store)
+    run_id = stack_runs.proxy_run
+    assert pin == ModelPin(None, f"runs:/{run_id}/model", run_id)
+    assert not (tmp_path / "driver").exists()  # pinned, not pulled, where the app is built
+
+    for key in [k for k in os.environ if k.startswith(("MLFLOW_", "AWS_", "PRED_"))]:
+        monkeypatch.delenv(key)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_stack.proxy.url)
+    monkeypatch.setenv("PRED_MODELS_DIR", str(tmp_path / "node"))
+    get_settings.cache_clear()
+    try:
+        settings = replica_settings(pin, threads=1)
+    finally:
+        get_settings.cache_clear()
+    assert run_id == settings.PRED_MODEL_UUID
+    assert (
+        (tmp_path / "node" / run_id / "artifacts" / "model" / "model.pt").resolve()
+        == settings.PRED_MODEL_PATH
+    )
+    assert settings.PRED_MODEL_PATH.is_file()
+    assert (settings.TORCH_THREADS, settings.WEB_CONCURRENCY) == (1, 1)
