@@ -373,8 +373,7 @@ def test_a_registry_alias_is_pinned_to_its_run_once_and_each_replica_pulls_that_
         get_settings.cache_clear()
     assert run_id == settings.PRED_MODEL_UUID
     assert (
-        (tmp_path / "node" / run_id / "artifacts" / "model" / "model.pt").resolve()
-        == settings.PRED_MODEL_PATH
-    )
+        tmp_path / "node" / run_id / "artifacts" / "model" / "model.pt"
+    ).resolve() == settings.PRED_MODEL_PATH
     assert settings.PRED_MODEL_PATH.is_file()
     assert (settings.TORCH_THREADS, settings.WEB_CONCURRENCY) == (1, 1)
