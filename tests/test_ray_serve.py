@@ -372,8 +372,7 @@ def test_a_registry_alias_is_pinned_to_its_run_once_and_each_replica_pulls_that_
     finally:
         get_settings.cache_clear()
     assert run_id == settings.PRED_MODEL_UUID
-    assert (
-        tmp_path / "node" / run_id / "artifacts" / "model" / "model.pt"
-    ).resolve() == settings.PRED_MODEL_PATH
+    expected = tmp_path / "node" / run_id / "artifacts" / "model" / "model.pt"
+    assert settings.PRED_MODEL_PATH.resolve() == expected.resolve()
     assert settings.PRED_MODEL_PATH.is_file()
     assert (settings.TORCH_THREADS, settings.WEB_CONCURRENCY) == (1, 1)

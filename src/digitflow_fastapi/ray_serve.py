@@ -186,9 +186,18 @@ def start_ray(address: str | None, cpus: float, object_store_mb: int) -> None:
     )
 
 
-def _wait_for_stop_signal() -> None:
+STOP_SIGNALS = {signal.SIGTERM, signal.SIGINT}
+
+
+def _wait_for_stop_signal(blocked: bool) -> None:
+    """Return on SIGTERM/SIGINT. When joining a cluster the signals are blocked before Ray
+    starts its threads and taken here with `sigwait`, so Ray's own fatal-signal handler never
+    sees them (seen: it turned a SIGTERM into an abort after the app was removed)."""
+    if blocked:
+        signal.sigwait(STOP_SIGNALS)
+        return
     stop = threading.Event()
-    for signum in (signal.SIGTERM, signal.SIGINT):
+    for signum in STOP_SIGNALS:
         signal.signal(signum, lambda *_: stop.set())
     stop.wait()
 
@@ -210,6 +219,8 @@ def main(argv: list[str] | None = None) -> int:
     except DigitflowError as exc:
         sys.stderr.write(f"error: {exc}\n")
         return 1
+    if address:  # no child processes here to inherit the mask: the cluster runs elsewhere
+        signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
     start_ray(address, args.replicas * args.replica_cpus, options.object_store_mb)
     try:
         serve.start(http_options={"host": options.host, "port": options.port})
@@ -218,7 +229,7 @@ def main(argv: list[str] | None = None) -> int:
             f"serving on Ray Serve at http://{options.host}:{options.port} with "
             f"{args.replicas} replicas\n"
         )
-        _wait_for_stop_signal()
+        _wait_for_stop_signal(blocked=bool(address))
     except Exception as exc:  # Ray reports a failed deployment with its own exception types
         sys.stderr.write(f"error: Ray Serve deployment failed: {exc}\n")
         return 1
