@@ -23,7 +23,7 @@ import math
 import os
 import signal
 import sys
-import threading
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -186,20 +186,19 @@ def start_ray(address: str | None, cpus: float, object_store_mb: int) -> None:
     )
 
 
-STOP_SIGNALS = {signal.SIGTERM, signal.SIGINT}
+class StopRequested(Exception):
+    """SIGTERM or SIGINT arrived: tear down and exit 0."""
 
 
-def _wait_for_stop_signal(blocked: bool) -> None:
-    """Return on SIGTERM/SIGINT. When joining a cluster the signals are blocked before Ray
-    starts its threads and taken here with `sigwait`, so Ray's own fatal-signal handler never
-    sees them (seen: it turned a SIGTERM into an abort after the app was removed)."""
-    if blocked:
-        signal.sigwait(STOP_SIGNALS)
-        return
-    stop = threading.Event()
-    for signum in STOP_SIGNALS:
-        signal.signal(signum, lambda *_: stop.set())
-    stop.wait()
+def _raise_stop(signum: int, frame: object) -> None:
+    raise StopRequested(signal.Signals(signum).name)
+
+
+def _catch_stop_signals() -> None:
+    """Turn SIGTERM/SIGINT into `StopRequested`, at any stage (even while Serve is still
+    deploying). Called again after `ray.init`, which installs Ray's crash handler for them."""
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, _raise_stop)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -219,21 +218,26 @@ def main(argv: list[str] | None = None) -> int:
     except DigitflowError as exc:
         sys.stderr.write(f"error: {exc}\n")
         return 1
-    if address:  # no child processes here to inherit the mask: the cluster runs elsewhere
-        signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
-    start_ray(address, args.replicas * args.replica_cpus, options.object_store_mb)
+    _catch_stop_signals()
     try:
+        start_ray(address, args.replicas * args.replica_cpus, options.object_store_mb)
+        _catch_stop_signals()
         serve.start(http_options={"host": options.host, "port": options.port})
         serve.run(app, name=APP_NAME, route_prefix="/")
         sys.stderr.write(
             f"serving on Ray Serve at http://{options.host}:{options.port} with "
             f"{args.replicas} replicas\n"
         )
-        _wait_for_stop_signal(blocked=bool(address))
+        while True:
+            time.sleep(3600)
+    except StopRequested:
+        pass
     except Exception as exc:  # Ray reports a failed deployment with its own exception types
         sys.stderr.write(f"error: Ray Serve deployment failed: {exc}\n")
         return 1
     finally:
+        for signum in (signal.SIGTERM, signal.SIGINT):  # one teardown, not interrupted
+            signal.signal(signum, signal.SIG_IGN)
         stop_serving(joined=bool(address))
     return 0
 
