@@ -6,7 +6,7 @@ import logging
 import os
 import sys
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Literal
 
 import typer
 
@@ -23,6 +23,8 @@ logger = logging.getLogger(__name__)
 
 GUNICORN_CONFIG = "python:digitflow_fastapi.gunicorn_conf"
 APP_IMPORT_STRING = "digitflow_fastapi.main:APP"
+RAY_MODULE = "digitflow_fastapi.ray_serve"
+Engine = Literal["gunicorn", "ray"]
 
 
 def default_workers() -> int:
@@ -91,6 +93,12 @@ def serve_command(
     ] = 0,
     data_dir: Annotated[Path, typer.Option("--data-dir")] = paths.DEFAULT_DATA_DIR,
     mlruns_dir: Annotated[Path, typer.Option("--mlruns-dir")] = paths.DEFAULT_MLRUNS_DIR,
+    engine: Annotated[
+        Engine, typer.Option("--engine", help="gunicorn (this machine) or ray (Ray Serve)")
+    ] = "gunicorn",
+    replicas: Annotated[
+        int, typer.Option("--replicas", min=1, help="Ray Serve replicas (--engine ray)")
+    ] = 1,
 ) -> None:
     """Serve the REST API with gunicorn + uvicorn workers (the default model if none is set)."""
     configure_cli_logging()
@@ -103,11 +111,15 @@ def serve_command(
         PRED_MODEL_UUID=served.model_uuid,
         WEB_CONCURRENCY=str(n_workers),
     )
+    argv = gunicorn_argv(host, port, n_workers)
+    scale = f"{n_workers} workers"
+    if engine == "ray":  # by module name: the core never imports the web layer
+        argv = [sys.executable, "-m", RAY_MODULE, "--host", host, "--port", str(port)]
+        argv, scale = [*argv, "--replicas", str(replicas)], f"{replicas} Ray Serve replicas"
     typer.echo(
         f"serving model {served.model_uuid or '(no uuid)'} on http://{host}:{port} with "
-        f"{n_workers} workers ({report.golden_checked} golden images reproduced)"
+        f"{scale} ({report.golden_checked} golden images reproduced)"
     )
-    argv = gunicorn_argv(host, port, n_workers)
     sys.stdout.flush()
     os.execv(argv[0], argv)
 

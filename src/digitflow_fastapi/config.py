@@ -50,13 +50,14 @@ class Settings(ModelSettings):
     MAX_CONNECTIONS_PER_WORKER: PositiveInt = 1000
     MAX_IN_FLIGHT_PER_WORKER: PositiveInt = 128
     REUSE_PORT: bool = True
+    RAY_ADDRESS: str | None = None  # `digitflow serve --engine ray`: join this cluster
     MAX_BATCH_SIZE: PositiveInt = 64
     MAX_BATCH_WAIT_MS: NonNegativeFloat = 0.0
     WEB_CONCURRENCY: PositiveInt = 1
     DIGITFLOW_METRICS_DIR: Path | None = None
     OIP_MODEL_NAME: str = Field(default="mnist", pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 
-    @field_validator("DIGITFLOW_METRICS_DIR", mode="before")
+    @field_validator("DIGITFLOW_METRICS_DIR", "RAY_ADDRESS", mode="before")
     @classmethod
     def _empty_is_unset(cls, value: Any) -> Any:
         return None if value == "" else value
