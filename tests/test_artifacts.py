@@ -276,7 +276,7 @@ def test_resolve_model_accepts_uuid_runs_uri_registry_version_alias_and_a_local_
 ) -> None:
     store = proxy_store(mlflow_stack)
     run_id = stack_runs.proxy_run
-    expected = (tmp_path / run_id / "artifacts" / "model" / "model.pt").resolve()
+    expected = (tmp_path / run_id / "artifacts" / "model" / "model.pt").absolute()
     for reference in (
         run_id,
         f"runs:/{run_id}/model",

@@ -117,7 +117,7 @@ def test_pull_prints_bash_exports_then_a_second_pull_downloads_nothing(
     run_id = stack_runs.plain_run
     args = ("pull", run_id, "--dest", str(tmp_path), "--no-progress")
     first = invoke(*args, env=s3_env(mlflow_stack))
-    model = (tmp_path / run_id / "artifacts" / "model" / "model.pt").resolve()
+    model = (tmp_path / run_id / "artifacts" / "model" / "model.pt").absolute()
     assert first.exit_code == 0, first.stderr
     assert first.stdout.splitlines() == [
         f"export PRED_MODEL_UUID={run_id}",
@@ -145,7 +145,7 @@ def test_pull_prints_powershell_exports_for_a_registry_alias(
         mlflow_stack.proxy.url,
     )
     run_id = stack_runs.proxy_run
-    model = (tmp_path / run_id / "artifacts" / "model" / "model.pt").resolve()
+    model = (tmp_path / run_id / "artifacts" / "model" / "model.pt").absolute()
     assert result.exit_code == 0, result.stderr
     assert result.stdout.splitlines() == [
         f"$Env:PRED_MODEL_UUID = '{run_id}'",

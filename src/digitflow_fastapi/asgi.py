@@ -60,7 +60,9 @@ def _declared_length_problem(scope: Scope, max_bytes: int) -> OrjsonResponse | N
 def overloaded_response(limit: int) -> OrjsonResponse:
     """503 with `Retry-After` for a worker already holding `limit` requests."""
     detail = f"this worker is busy with {limit} requests (MAX_IN_FLIGHT_PER_WORKER); retry"
-    headers = {"Retry-After": "1", "Connection": "close"}
+    # No `Connection: close`: closing with the body unread makes the kernel reset the connection
+    # and the client sees a reset instead of this answer; uvicorn discards the unread body.
+    headers = {"Retry-After": "1"}
     return OrjsonResponse({"detail": detail}, status_code=503, headers=headers)
 
 
