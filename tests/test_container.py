@@ -200,7 +200,8 @@ class Tally:
 
     answered: int = 0
     refused: int = 0  # never connected: the listening socket was already closed
-    lost: list[str] = field(default_factory=list)  # sent, but no (correct) answer came back
+    # sent, but no (correct) answer came back: (monotonic time the request was sent, what came)
+    lost: list[tuple[float, str]] = field(default_factory=list)
 
 
 def stream_requests(url: str, image_path: Path, stop: threading.Event, tally: Tally) -> None:
@@ -213,6 +214,7 @@ def stream_requests(url: str, image_path: Path, stop: threading.Event, tally: Ta
     payload = image_path.read_bytes()
     with httpx.Client(timeout=30, headers={"Connection": "close"}) as client:
         while not stop.is_set():
+            sent_at = time.monotonic()
             try:
                 response = client.post(
                     f"{url}/api/v1/model/predict",
@@ -223,12 +225,12 @@ def stream_requests(url: str, image_path: Path, stop: threading.Event, tally: Ta
                 time.sleep(0.05)
                 continue
             except httpx.HTTPError as exc:
-                tally.lost.append(repr(exc))
+                tally.lost.append((sent_at, repr(exc)))
                 continue
             if response.status_code == 200:
                 tally.answered += 1
             else:
-                tally.lost.append(f"{response.status_code} {response.text[:200]}")
+                tally.lost.append((sent_at, f"{response.status_code} {response.text[:200]}"))
 
 
 @dataclass(frozen=True)
@@ -238,10 +240,15 @@ class StoppedUnderLoad:
     exit_code: int
     tallies: list[Tally]
     logs: str
+    stopped_at: float  # monotonic time just before `docker stop` was run
 
     @property
     def lost(self) -> list[str]:
-        return [item for tally in self.tallies for item in tally.lost]
+        """Requests sent before the stop that got no answer (the issue's criterion: a request
+        sent while the server is already stopping may be refused or reset)."""
+        return [
+            what for tally in self.tallies for sent, what in tally.lost if sent < self.stopped_at
+        ]
 
 
 @pytest.fixture(scope="module")
@@ -262,13 +269,14 @@ def stopped_under_load(image: str, models: MountedModels, data_dir: Path) -> Sto
         try:
             while sum(t.answered for t in tallies) < 200:
                 time.sleep(0.05)
+            stopped_at = time.monotonic()
             run(["docker", "stop", "--time", "10", box.id], timeout=60)
             exit_code = box.wait()
         finally:
             stop.set()
             for thread in threads:
                 thread.join(timeout=60)
-        return StoppedUnderLoad(exit_code, tallies, box.logs())
+        return StoppedUnderLoad(exit_code, tallies, box.logs(), stopped_at)
 
 
 def test_docker_stop_under_a_stream_of_requests_exits_zero_inside_the_grace_period(
