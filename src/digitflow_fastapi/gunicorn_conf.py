@@ -29,7 +29,10 @@ import socket
 import sys
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from digitflow_fastapi.config import Settings
 
 __all__ = ["control_socket_disable", "on_exit", "on_starting", "post_worker_init", "reuse_port"]
 
@@ -80,30 +83,33 @@ def _prepare_metrics_dir(configured: Path | None) -> None:
         stale.unlink()
 
 
-def _pin_served_model() -> None:
+def _pin_served_model(settings: Settings) -> None:
     """Resolve the model once and hand every worker the same file and UUID (or exit, one line)."""
     from digitflow.errors import DigitflowError
     from digitflow_fastapi.app import served_model
-    from digitflow_fastapi.config import get_settings
 
     try:
-        served = served_model(get_settings())
+        served = served_model(settings)
     except DigitflowError as exc:
         sys.exit(f"start-up failed: {exc}")
     os.environ["PRED_MODEL_PATH"] = str(served.model_path)
     os.environ["PRED_MODEL_UUID"] = served.model_uuid
-    get_settings.cache_clear()  # workers read the pinned values
 
 
 def on_starting(server: Any) -> None:
     """Refuse a busy port, pin the model, export the worker count, prepare the metrics folder."""
+    from digitflow.errors import ConfigError
     from digitflow_fastapi.config import get_settings
 
     _refuse_busy_ports(list(server.cfg.address))
-    _pin_served_model()
+    try:
+        settings = get_settings()
+    except ConfigError as exc:
+        sys.exit(f"start-up failed: {exc}")
+    _pin_served_model(settings)
     os.environ["WEB_CONCURRENCY"] = str(server.cfg.workers)
-    _prepare_metrics_dir(get_settings().DIGITFLOW_METRICS_DIR)
-    get_settings.cache_clear()
+    _prepare_metrics_dir(settings.DIGITFLOW_METRICS_DIR)
+    get_settings.cache_clear()  # workers read the values exported here
 
 
 def post_worker_init(worker: Any) -> None:
