@@ -25,10 +25,7 @@ COPY deploy/docker/entrypoint.sh /usr/local/bin/digitflow-entrypoint
 COPY deploy/docker/logging.yaml /etc/digitflow/logging.yaml
 # Everything written at run time goes under /tmp, so the root filesystem can be read-only
 # (Kubernetes mounts an emptyDir there): the ONNX export cache ($XDG_CACHE_HOME/digitflow), ONNX
-# Runtime's and MLflow's own files. Pulled runs go to PRED_MODELS_DIR. REUSE_PORT=false: with one
-# listening socket per worker, `docker stop` resets connections still queued on a closing worker's
-# socket (measured: 1 request lost in 2 of 5 stops); Kubernetes turns it back on (its preStop
-# pause drains the endpoints before SIGTERM).
+# Runtime's and MLflow's own files. Pulled runs go to PRED_MODELS_DIR.
 ENV PATH="/opt/app/bin:/opt/venv/bin:${PATH}" \
     PYTHONPATH=/opt/app \
     PYTHONDONTWRITEBYTECODE=1 \
@@ -40,7 +37,6 @@ ENV PATH="/opt/app/bin:/opt/venv/bin:${PATH}" \
     DO_NOT_TRACK=1 \
     PORT=8080 \
     LOGGER_CONFIG_PATH=/etc/digitflow/logging.yaml \
-    REUSE_PORT=false \
     PRED_MODELS_DIR=/home/app/models
 WORKDIR /home/app
 USER 10001:10001

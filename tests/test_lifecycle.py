@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import signal
 import threading
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -26,20 +29,31 @@ class Outcome:
     sent_at: float
     ok: bool
     right: bool = True
+    error: str = ""
 
 
 @dataclass
 class Load:
-    """Keep-alive clients posting real test digits in a loop, each answer checked."""
+    """Clients posting real test digits in a loop, each answer checked.
+
+    `keep_alive=False` opens a new connection per request: such a connection can be waiting in a
+    worker's listening queue when the worker stops, which keep-alive clients never are.
+    """
 
     server: ServerProcess
     samples: list[tuple[bytes, int]]
     clients: int = 8
+    keep_alive: bool = True
     outcomes: list[Outcome] = field(default_factory=list)
     stop: threading.Event = field(default_factory=threading.Event)
+    threads: list[threading.Thread] = field(default_factory=list)
+
+    def _client(self) -> httpx.Client:
+        limits = httpx.Limits(max_keepalive_connections=None if self.keep_alive else 0)
+        return httpx.Client(base_url=self.server.url, timeout=20, limits=limits)
 
     def _client_loop(self, index: int) -> None:
-        client = httpx.Client(base_url=self.server.url, timeout=20)
+        client = self._client()
         i = index
         while not self.stop.is_set():
             data, label = self.samples[i % len(self.samples)]
@@ -49,22 +63,47 @@ class Load:
                 answer = client.post(PREDICT, files={"image_file": ("d.png", data)})
                 ok = answer.status_code == 200
                 right = ok and answer.json()["data"][0]["prediction"] == str(label)
-                self.outcomes.append(Outcome(sent_at, ok, right or not ok))
-            except httpx.HTTPError:
-                self.outcomes.append(Outcome(sent_at, False))
+                error = "" if ok else f"HTTP {answer.status_code}"
+                self.outcomes.append(Outcome(sent_at, ok, right or not ok, error))
+            except httpx.HTTPError as exc:
+                self.outcomes.append(Outcome(sent_at, False, error=repr(exc)))
                 client.close()
-                client = httpx.Client(base_url=self.server.url, timeout=20)
+                client = self._client()
                 time.sleep(0.05)
         client.close()
 
-    def run(self) -> list[threading.Thread]:
-        threads = [
+    def start(self) -> None:
+        self.threads = [
             threading.Thread(target=self._client_loop, args=(i,), daemon=True)
             for i in range(self.clients)
         ]
-        for thread in threads:
+        for thread in self.threads:
             thread.start()
-        return threads
+
+    def finish(self) -> None:
+        self.stop.set()
+        for thread in self.threads:
+            thread.join(timeout=30)
+
+    def failed(self, sent_before: float = float("inf")) -> list[Outcome]:
+        return [o for o in self.outcomes if not o.ok and o.sent_at < sent_before]
+
+
+@contextlib.contextmanager
+def loaded_server(
+    model: TrainedModel, data_dir: Path, log_path: Path, **load_options: Any
+) -> Iterator[tuple[ServerProcess, Load]]:
+    """The seed's command on `model` with a running `Load`; both stopped on the way out."""
+    server = start_gunicorn(log_path, {"PRED_MODEL_PATH": str(model.model_path)})
+    load = Load(server, load_samples(data_dir, model), **load_options)
+    try:
+        wait_for_http(server, "/ready", timeout=120)
+        load.start()
+        time.sleep(2.0)
+        yield server, load
+    finally:
+        load.finish()
+        stop_process(server)
 
 
 def load_samples(data_dir: Path, model: TrainedModel) -> list[tuple[bytes, int]]:
@@ -87,50 +126,63 @@ def worker_pids(master: int) -> list[int]:
     return [int(pid) for pid in children]
 
 
+def wait_for_replacement(master: int, victim: int, workers: int = 2) -> None:
+    """Until gunicorn has replaced `victim` (two minutes at most)."""
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        current = worker_pids(master)
+        if victim not in current and len(current) == workers:
+            return
+        time.sleep(0.2)
+    raise AssertionError(f"worker {victim} was not replaced")
+
+
+@pytest.mark.parametrize("keep_alive", [True, False], ids=["keep-alive", "new-connections"])
 def test_sigterm_under_load_answers_every_request_sent_before_it_and_exits_0(
-    trained_model: TrainedModel, data_dir: Path, tmp_path: Path
+    trained_model: TrainedModel, data_dir: Path, tmp_path: Path, keep_alive: bool
 ) -> None:
-    server = start_gunicorn(tmp_path / "g.log", {"PRED_MODEL_PATH": str(trained_model.model_path)})
-    try:
-        wait_for_http(server, "/ready", timeout=120)
-        load = Load(server, load_samples(data_dir, trained_model))
-        threads = load.run()
-        time.sleep(2.0)
+    clients = 8 if keep_alive else 24
+    with loaded_server(
+        trained_model, data_dir, tmp_path / "g.log", clients=clients, keep_alive=keep_alive
+    ) as (server, load):
         signalled_at = time.monotonic()
         os.kill(server.pid, signal.SIGTERM)
         returncode = server.process.wait(timeout=30)
-        load.stop.set()
-        for thread in threads:
-            thread.join(timeout=30)
-    finally:
-        stop_process(server)
     before = [o for o in load.outcomes if o.sent_at < signalled_at]
     assert len(before) > 50
-    assert [o for o in before if not o.ok] == [], server.log()[-3000:]
+    assert load.failed(sent_before=signalled_at) == [], server.log()[-3000:]
     assert all(o.right for o in load.outcomes)
     assert returncode == 0
+
+
+def test_sigterm_to_one_worker_under_new_connection_load_fails_no_request(
+    trained_model: TrainedModel, data_dir: Path, tmp_path: Path
+) -> None:
+    """A worker stopped on its own (max_requests, a scale-in) hands over what is queued to it."""
+    with loaded_server(
+        trained_model, data_dir, tmp_path / "g.log", clients=24, keep_alive=False
+    ) as (server, load):
+        for _ in range(3):
+            victim = worker_pids(server.pid)[0]
+            os.kill(victim, signal.SIGTERM)
+            wait_for_replacement(server.pid, victim)
+            time.sleep(1.5)  # the new worker loads its model, load keeps going
+    assert len(load.outcomes) > 100
+    assert load.failed() == [], server.log()[-3000:]
+    assert all(o.right for o in load.outcomes)
 
 
 def test_kill_9_of_a_worker_fails_at_most_the_requests_in_flight_on_it(
     trained_model: TrainedModel, data_dir: Path, tmp_path: Path
 ) -> None:
-    server = start_gunicorn(tmp_path / "g.log", {"PRED_MODEL_PATH": str(trained_model.model_path)})
-    try:
-        wait_for_http(server, "/ready", timeout=120)
-        load = Load(server, load_samples(data_dir, trained_model))
-        threads = load.run()
-        time.sleep(2.0)
+    with loaded_server(trained_model, data_dir, tmp_path / "g.log") as (server, load):
         victim = worker_pids(server.pid)[0]
         killed_at = time.monotonic()
         os.kill(victim, signal.SIGKILL)
         time.sleep(8.0)
-        load.stop.set()
-        for thread in threads:
-            thread.join(timeout=30)
+        load.finish()
         workers_after = worker_pids(server.pid)
-    finally:
-        stop_process(server)
-    failed = [o for o in load.outcomes if not o.ok]
+    failed = load.failed()
     assert len(failed) <= load.clients  # at most one in flight per client
     assert all(o.right for o in load.outcomes)
     assert victim not in workers_after and len(workers_after) == 2  # replaced
@@ -222,12 +274,7 @@ def test_workers_stay_pinned_to_the_run_resolved_at_start_when_the_alias_moves(
         client.set_registered_model_alias(name, "champion", "2")
         victim = worker_pids(server.pid)[0]
         os.kill(victim, signal.SIGKILL)
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline:
-            workers = worker_pids(server.pid)
-            if victim not in workers and len(workers) == 2:
-                break
-            time.sleep(0.2)
+        wait_for_replacement(server.pid, victim)
         time.sleep(3.0)  # the new worker loads its model
         answers, versions = [], set()
         for _ in range(40):  # a new connection each time: both workers answer

@@ -10,9 +10,8 @@ through the thin `src/gunicorn.conf.py`, by the seed's command run from `src/`.
 - `reuse_port` (setting `REUSE_PORT`, default on): each worker binds its own SO_REUSEPORT
   listening socket and the kernel spreads new connections evenly over them. With one shared
   socket, whichever worker is idle at that instant accepts them all (measured: 64 of 64
-  keep-alive connections on one of two workers, -30% throughput). Caveat: connections still
-  queued on a worker's socket when that worker exits are reset; the container image turns it
-  off so `docker stop` loses none (Kubernetes drains endpoints before SIGTERM and turns it on).
+  keep-alive connections on one of two workers, -30% throughput). A stopping worker serves
+  whatever is still queued on its own socket (`listener_drain`) instead of resetting it.
 - Because SO_REUSEPORT would let a second server on the same port share it silently, the
   master first checks that nothing listens there and stops with a clear message if it does.
 - Metrics: `DIGITFLOW_METRICS_DIR` (a fresh temporary folder unless set) is where workers write
@@ -113,13 +112,17 @@ def on_starting(server: Any) -> None:
 
 
 def post_worker_init(worker: Any) -> None:
-    """Give a uvicorn worker the connection guard (deadlines, header and connection caps)."""
+    """Give a uvicorn worker the connection guard (deadlines, header and connection caps) and
+    a shutdown that serves the connections still queued on its sockets."""
+    from digitflow_fastapi import listener_drain
     from digitflow_fastapi.config import get_settings
     from digitflow_fastapi.connection_guard import ConnectionLimits, GuardedHttpToolsProtocol
 
     config = getattr(worker, "config", None)
     if config is None or not hasattr(config, "http"):
         return  # not a uvicorn worker
+    if not listener_drain.install(worker):
+        worker.log.warning("%s: connections queued at shutdown will be reset", type(worker))
     settings = get_settings()
     limits = ConnectionLimits(
         header_timeout=settings.HEADER_TIMEOUT_S,
