@@ -10,7 +10,7 @@ import numpy.typing as npt
 import pytest
 
 from digitflow.inference import Classifier, Prediction
-from digitflow.microbatch import MicroBatcher
+from digitflow.microbatch import MicroBatcher, QueueFull, QueueTimeout
 from tests.support.gunicorn_server import TrainedModel
 
 
@@ -146,3 +146,67 @@ def test_stop_finishes_queued_requests(recorder: Recorder) -> None:
         return [t.result() for t in tasks]
 
     assert [len(r) for r in asyncio.run(run())] == [1] * 5
+
+
+def test_a_full_queue_refuses_at_once_and_frees_room_as_batches_run(recorder: Recorder) -> None:
+    async def run() -> tuple[list[object], list[Prediction]]:
+        batcher = MicroBatcher(recorder, max_batch_size=64, max_queued_images=4)  # type: ignore[arg-type]
+        await batcher.start()
+        recorder.gate.clear()  # the first batch holds the inference thread
+        running = asyncio.create_task(batcher.predict(_images(1, 0)))
+        await asyncio.sleep(0.05)
+        queued = [asyncio.create_task(batcher.predict(_images(2, i))) for i in (1, 2)]
+        await asyncio.sleep(0.05)
+        refused = await asyncio.gather(batcher.predict(_images(1, 3)), return_exceptions=True)
+        recorder.gate.set()
+        results = await asyncio.gather(running, *queued, return_exceptions=True)
+        after = await batcher.predict(_images(3, 4))  # room again once the queue emptied
+        await batcher.stop()
+        return [*refused, *results], after
+
+    outcomes, after = asyncio.run(run())
+    assert isinstance(outcomes[0], QueueFull)
+    assert [len(o) for o in outcomes[1:]] == [1, 2, 2]  # type: ignore[arg-type]
+    assert len(after) == 3
+
+
+def test_a_request_larger_than_the_queue_bound_still_runs_when_the_queue_is_empty(
+    recorder: Recorder,
+) -> None:
+    async def run() -> list[Prediction]:
+        batcher = MicroBatcher(recorder, max_batch_size=64, max_queued_images=4)  # type: ignore[arg-type]
+        try:
+            return await batcher.predict(_images(10, 0))
+        finally:
+            await batcher.stop()
+
+    assert len(asyncio.run(run())) == 10
+
+
+def test_a_request_unanswered_past_the_timeout_gets_queue_timeout_and_is_not_run(
+    recorder: Recorder,
+) -> None:
+    waits: list[float] = []
+
+    async def run() -> list[object]:
+        batcher = MicroBatcher(
+            recorder,  # type: ignore[arg-type]
+            max_batch_size=64,
+            timeout_ms=100,
+            on_wait=waits.append,
+        )
+        await batcher.start()
+        recorder.gate.clear()
+        first = asyncio.create_task(batcher.predict(_images(1, 0)))
+        await asyncio.sleep(0.02)
+        late = asyncio.create_task(batcher.predict(_images(7, 1)))
+        await asyncio.sleep(0.3)  # both past 100 ms: the first is running, the second queued
+        recorder.gate.set()
+        outcomes = await asyncio.gather(first, late, return_exceptions=True)
+        await batcher.stop()
+        return list(outcomes)
+
+    first, late = asyncio.run(run())
+    assert isinstance(first, QueueTimeout) and isinstance(late, QueueTimeout)
+    assert 7 not in recorder.sizes  # expired while queued: never sent to the model
+    assert len(waits) == 2 and max(waits) >= 0.1

@@ -10,6 +10,10 @@ the next batch. When at least two requests were waiting (there is concurrency) a
 `max_wait_ms` > 0, the loop waits up to that long for more to fill the batch. The service
 default is 0 (purely greedy): on the measured CPU, ONNX Runtime's cost per image is flat from
 batch 2 to 64, so a window only adds latency.
+
+Backpressure: at most `max_queued_images` images wait at once (`QueueFull` at once beyond that,
+instead of a queue that grows without bound), and a request still unanswered `timeout_ms` after
+it was queued gets `QueueTimeout` (its images are dropped from the batch if not yet run).
 """
 
 from __future__ import annotations
@@ -25,10 +29,19 @@ import numpy.typing as npt
 from digitflow.inference import Classifier, Prediction
 
 
+class QueueFull(Exception):
+    """The batch queue holds `max_queued_images` already: come back later."""
+
+
+class QueueTimeout(Exception):
+    """The request was not answered within `timeout_ms` of being queued."""
+
+
 @dataclass
 class _Request:
     images: npt.NDArray[np.float32]
     future: asyncio.Future[list[Prediction]] = field(repr=False)
+    queued_at: float = 0.0
 
 
 class MicroBatcher:
@@ -40,12 +53,20 @@ class MicroBatcher:
         max_batch_size: int = 64,
         max_wait_ms: float = 0.0,
         on_batch: Callable[[int], object] | None = None,
+        max_queued_images: int | None = None,
+        timeout_ms: float | None = None,
+        on_wait: Callable[[float], object] | None = None,
     ):
-        """`on_batch`, if given, is called with the image count of every forward pass."""
+        """`on_batch`, if given, is called with the image count of every forward pass and
+        `on_wait` with each request's seconds in the queue; `None` limits mean unbounded."""
         self.classifier = classifier
         self.on_batch = on_batch
+        self.on_wait = on_wait
         self.max_batch_size = max(1, max_batch_size)
         self.max_wait_ms = max_wait_ms
+        self.max_queued_images = max_queued_images
+        self.timeout_s = timeout_ms / 1000 if timeout_ms else None
+        self.queued_images = 0
         self._queue: asyncio.Queue[_Request | None] | None = None
         self._task: asyncio.Task[None] | None = None
         self._executor: ThreadPoolExecutor | None = None
@@ -70,16 +91,31 @@ class MicroBatcher:
             self._executor = None
 
     async def predict(self, images: npt.NDArray[np.float32]) -> list[Prediction]:
-        """Predictions for one request's images, in order."""
+        """Predictions for one request's images, in order.
+
+        Raises `QueueFull` when the queue has no room for them, `QueueTimeout` when they were
+        not answered within `timeout_ms`.
+        """
         array = np.ascontiguousarray(images, dtype=np.float32).reshape(-1, 28, 28)
         if len(array) == 0:
             return []
         if self._queue is None:
             await self.start()
         assert self._queue is not None
-        future: asyncio.Future[list[Prediction]] = asyncio.get_running_loop().create_future()
-        await self._queue.put(_Request(array, future))
-        return await future
+        limit = self.max_queued_images
+        if limit is not None and self.queued_images and self.queued_images + len(array) > limit:
+            raise QueueFull(f"{self.queued_images} images already queued (limit {limit})")
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[list[Prediction]] = loop.create_future()
+        self.queued_images += len(array)
+        self._queue.put_nowait(_Request(array, future, loop.time()))
+        if self.timeout_s is None:
+            return await future
+        timer = loop.call_later(self.timeout_s, _expire, future, self.timeout_s)
+        try:
+            return await future
+        finally:
+            timer.cancel()
 
     async def _loop(self) -> None:
         assert self._queue is not None
@@ -88,6 +124,7 @@ class MicroBatcher:
             first = await queue.get()
             if first is None:
                 break
+            self._taken(first)
             batch, stopping = await self._gather(first)
             await self._run(batch)
             if stopping:
@@ -96,6 +133,7 @@ class MicroBatcher:
         while not queue.empty():
             item = queue.get_nowait()
             if item is not None:
+                self._taken(item)
                 await self._run([item])
 
     async def _gather(self, first: _Request) -> tuple[list[_Request], bool]:
@@ -127,12 +165,19 @@ class MicroBatcher:
                     break
             if item is None:
                 return batch, True
+            self._taken(item)
             if size + len(item.images) > self.max_batch_size:
                 await self._run([item])
                 continue
             batch.append(item)
             size += len(item.images)
         return batch, False
+
+    def _taken(self, request: _Request) -> None:
+        """`request` left the queue: free its room and report how long it waited."""
+        self.queued_images -= len(request.images)
+        if self.on_wait is not None:
+            self.on_wait(asyncio.get_running_loop().time() - request.queued_at)
 
     async def _run(self, batch: list[_Request]) -> None:
         live = [r for r in batch if not r.future.done()]
@@ -157,3 +202,8 @@ class MicroBatcher:
             if not request.future.done():
                 request.future.set_result(predictions[start:end])
             start = end
+
+
+def _expire(future: asyncio.Future[list[Prediction]], seconds: float) -> None:
+    if not future.done():
+        future.set_exception(QueueTimeout(f"not answered within {seconds * 1000:g} ms"))

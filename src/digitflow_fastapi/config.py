@@ -53,6 +53,8 @@ class Settings(ModelSettings):
     RAY_ADDRESS: str | None = None  # `digitflow serve --engine ray`: join this cluster
     MAX_BATCH_SIZE: PositiveInt = 64
     MAX_BATCH_WAIT_MS: NonNegativeFloat = 0.0
+    MAX_QUEUED_IMAGES_PER_WORKER: PositiveInt = 4096
+    REQUEST_TIMEOUT_MS: NonNegativeFloat = 10_000.0  # 0: no deadline
     WEB_CONCURRENCY: PositiveInt = 1
     DIGITFLOW_METRICS_DIR: Path | None = None
     OIP_MODEL_NAME: str = Field(default="mnist", pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")

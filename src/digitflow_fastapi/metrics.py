@@ -17,14 +17,21 @@ import os
 import stat
 from bisect import bisect_left
 from collections import Counter
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from digitflow.atomic import write_text_atomically
+
+if TYPE_CHECKING:
+    from digitflow.inference import Prediction
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 LATENCY_BUCKETS = (0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0)
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128)
+WAIT_BUCKETS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0, 10.0)
+CLASSES = 10
+HISTOGRAMS = ("latency", "batch", "queue_wait")
 
 
 class Histogram:
@@ -48,6 +55,8 @@ class WorkerMetrics:
         self.images = 0
         self.latency = Histogram(LATENCY_BUCKETS)
         self.batch = Histogram(BATCH_BUCKETS)
+        self.queue_wait = Histogram(WAIT_BUCKETS)
+        self.classes = [0] * CLASSES
 
     def observe_request(self, status: int, seconds: float) -> None:
         self.requests[str(status)] += 1
@@ -56,12 +65,23 @@ class WorkerMetrics:
     def observe_batch(self, images: int) -> None:
         self.batch.observe(images)
 
+    def observe_queue_wait(self, seconds: float) -> None:
+        self.queue_wait.observe(seconds)
+
+    def observe_predictions(self, predictions: Sequence[Prediction]) -> None:
+        self.images += len(predictions)
+        classes = self.classes
+        for prediction in predictions:
+            classes[prediction.label] += 1
+
     def snapshot(self) -> dict[str, Any]:
         return {
             "requests": dict(self.requests),
             "images": self.images,
             "latency": {"counts": self.latency.counts, "sum": self.latency.sum},
             "batch": {"counts": self.batch.counts, "sum": self.batch.sum},
+            "queue_wait": {"counts": self.queue_wait.counts, "sum": self.queue_wait.sum},
+            "classes": self.classes,
         }
 
 
@@ -92,7 +112,10 @@ def _add(total: dict[str, Any], part: dict[str, Any]) -> None:
     for status, count in part.get("requests", {}).items():
         total["requests"][status] = total["requests"].get(status, 0) + int(count)
     total["images"] += int(part.get("images", 0))
-    for name in ("latency", "batch"):
+    classes = part.get("classes", [])
+    if len(classes) == CLASSES:
+        total["classes"] = [a + int(b) for a, b in zip(total["classes"], classes, strict=True)]
+    for name in HISTOGRAMS:
         counts = part.get(name, {}).get("counts", [])
         mine = total[name]["counts"]
         if len(counts) == len(mine):
@@ -152,5 +175,14 @@ def render(folder: Path | None, own: WorkerMetrics = METRICS) -> str:
         "# HELP digitflow_batch_images Images per forward pass (micro-batching).",
         "# TYPE digitflow_batch_images histogram",
         *_histogram_lines("digitflow_batch_images", BATCH_BUCKETS, total["batch"]),
+        "# HELP digitflow_queue_wait_seconds Time a request waited in the batch queue.",
+        "# TYPE digitflow_queue_wait_seconds histogram",
+        *_histogram_lines("digitflow_queue_wait_seconds", WAIT_BUCKETS, total["queue_wait"]),
+        "# HELP digitflow_predictions_total Images predicted, by predicted digit.",
+        "# TYPE digitflow_predictions_total counter",
+        *(
+            f'digitflow_predictions_total{{digit="{digit}"}} {count}'
+            for digit, count in enumerate(total["classes"])
+        ),
     ]
     return "\n".join(lines) + "\n"

@@ -43,7 +43,13 @@ INVOCATIONS = "/invocations"
 IMAGE_COLUMNS = ("image", "images", "image_b64")
 FORMATS = ("inputs", "instances", "dataframe_split", "dataframe_records")
 
-_ERROR_CODES = {400: "BAD_REQUEST", 413: "BAD_REQUEST", 415: "BAD_REQUEST", 503: "UNAVAILABLE"}
+_ERROR_CODES = {
+    400: "BAD_REQUEST",
+    413: "BAD_REQUEST",
+    415: "BAD_REQUEST",
+    503: "UNAVAILABLE",
+    504: "DEADLINE_EXCEEDED",
+}
 _ERRORS: dict[int | str, dict[str, Any]] = {
     400: {"model": MlflowError, "description": "Malformed JSON, unknown format, bad image"},
     413: {"model": MlflowError, "description": "Body or image count over the limits"},
@@ -81,7 +87,7 @@ def mlflow_error(exc: RequestError) -> OrjsonResponse:
     """MLflow's error body (`error_code`, `message`) with the project's `detail`."""
     code = _ERROR_CODES.get(exc.status_code, "BAD_REQUEST")
     body = {"error_code": code, "message": exc.detail, "detail": exc.detail}
-    return OrjsonResponse(body, status_code=exc.status_code)
+    return OrjsonResponse(body, status_code=exc.status_code, headers=exc.headers)
 
 
 @router.get(

@@ -16,10 +16,10 @@ import numpy.typing as npt
 from starlette.requests import Request
 
 from digitflow.inference import Prediction
-from digitflow_fastapi import metrics
 from digitflow_fastapi.decoding import ImageDecoder
 from digitflow_fastapi.deps import get_app_settings, get_service
 from digitflow_fastapi.errors import RequestError
+from digitflow_fastapi.predicting import predict_images
 
 FloatBatch = npt.NDArray[np.float32]
 
@@ -96,6 +96,4 @@ async def predict_batch(request: Request, batch: FloatBatch) -> list[Prediction]
     service = await get_service(request)
     settings = await get_app_settings(request)
     check_count(len(batch), settings.MAX_FILES_PER_REQUEST)
-    predictions = await service.batcher.predict(batch)
-    metrics.METRICS.images += len(predictions)
-    return predictions
+    return await predict_images(service, batch)

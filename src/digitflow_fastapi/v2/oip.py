@@ -56,15 +56,15 @@ _ERRORS: dict[int | str, dict[str, Any]] = {
 }
 
 
-def oip_error(status: int, message: str) -> OrjsonResponse:
+def oip_error(status: int, message: str, headers: dict[str, str] | None = None) -> OrjsonResponse:
     """The protocol's error body."""
-    return OrjsonResponse({"error": message}, status_code=status)
+    return OrjsonResponse({"error": message}, status_code=status, headers=headers)
 
 
 def _problem(exc: RequestError) -> OrjsonResponse:
-    """Client errors are 400 in this protocol, except a body over the cap (413) and 503."""
-    status = exc.status_code if exc.status_code in (404, 413, 503) else 400
-    return oip_error(status, exc.detail)
+    """Client errors are 400 in this protocol, except 404, a body over the cap (413), 503, 504."""
+    status = exc.status_code if exc.status_code in (404, 413, 503, 504) else 400
+    return oip_error(status, exc.detail, exc.headers)
 
 
 async def _model_version(request: Request, name: str, version: str | None) -> str:

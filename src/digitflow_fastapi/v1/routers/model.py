@@ -8,10 +8,10 @@ import numpy as np
 import numpy.typing as npt
 from fastapi import APIRouter, Depends, Query, Request
 
-from digitflow_fastapi import metrics
 from digitflow_fastapi.decoding import ImageDecoder
 from digitflow_fastapi.deps import ModelService, get_app_settings, get_service
 from digitflow_fastapi.errors import RequestError
+from digitflow_fastapi.predicting import predict_images
 from digitflow_fastapi.responses import OrjsonResponse
 from digitflow_fastapi.schemas import ErrorResponse, ExplainedPredictResponse, VersionResponse
 from digitflow_fastapi.uploads import read_multipart
@@ -132,8 +132,7 @@ async def answer_predict(
         [bytes(part.data) for part in files],
         lambda i: f"{FIELD} #{i + 1} ({(files[i].filename or '')[:100]!r})",
     )
-    predictions = await service.batcher.predict(inputs)  # float32 already
-    metrics.METRICS.images += len(predictions)
+    predictions = await predict_images(service, inputs)  # float32 already
     data: list[dict[str, Any]] = []
     for part, pred, image in zip(files, predictions, inputs, strict=True):
         item: dict[str, Any] = {
