@@ -289,3 +289,44 @@ def test_workers_stay_pinned_to_the_run_resolved_at_start_when_the_alias_moves(
     assert versions == {first}
     for probabilities in answers:
         assert probabilities == pytest.approx(list(expected.probabilities), abs=1e-5)
+
+
+def test_a_worker_stopped_while_it_is_starting_answers_the_connections_queued_to_it(
+    trained_model: TrainedModel, data_dir: Path, tmp_path: Path
+) -> None:
+    """Its socket listens from the fork on; connections queued during start-up are served."""
+    env = {
+        "PRED_MODEL_PATH": str(trained_model.model_path),
+        "DIGITFLOW_CACHE_DIR": str(tmp_path / "cache"),  # an ONNX export makes start-up slower
+    }
+    server = start_gunicorn(tmp_path / "g.log", env, workers=1)
+    sample = load_samples(data_dir, trained_model)[0]
+    results: list[int | str] = []
+
+    def post() -> None:
+        try:
+            answer = httpx.post(
+                server.url + PREDICT, files={"image_file": ("d.png", sample[0])}, timeout=60
+            )
+            results.append(answer.status_code)
+        except httpx.HTTPError as exc:
+            results.append(repr(exc))
+
+    try:
+        deadline = time.monotonic() + 60
+        while "Waiting for application startup" not in server.log():
+            assert time.monotonic() < deadline, server.log()
+            time.sleep(0.01)
+        worker = worker_pids(server.pid)[0]
+        clients = [threading.Thread(target=post) for _ in range(6)]
+        for client in clients:
+            client.start()
+        time.sleep(0.2)  # connected: queued on the starting worker's socket
+        os.kill(worker, signal.SIGTERM)
+        stopped_during_start = "Application startup complete" not in server.log()
+        for client in clients:
+            client.join(timeout=90)
+    finally:
+        stop_process(server)
+    assert stopped_during_start, "the worker finished starting before the signal"
+    assert results == [200] * 6, server.log()[-3000:]

@@ -57,17 +57,6 @@ def accept_queued(listeners: Sequence[Any], limit: int = MAX_HANDED_OVER) -> lis
 class DrainingServer(Server):
     """uvicorn's server, but queued connections are served on shutdown instead of reset."""
 
-    async def startup(self, sockets: list[socket.socket] | None = None) -> None:
-        """A stop asked for while the app was starting still goes through `shutdown`.
-
-        uvicorn returns without its shutdown when the stop came during start-up; this worker's
-        socket already had connections queued by then, and returning would reset them.
-        """
-        await super().startup(sockets)
-        if self.should_exit and not self.force_exit:
-            self.should_exit = False  # serve, then stop at the first tick of the main loop
-            asyncio.get_running_loop().call_soon(setattr, self, "should_exit", True)
-
     async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
         queued = accept_queued(sockets or [])
         for server in getattr(self, "servers", []):
