@@ -245,7 +245,7 @@ def test_sighup_swaps_the_model_under_load_without_a_failed_or_mixed_answer(
         switched_in = time.monotonic() - hup_at
         time.sleep(1.0)
     latencies = sorted(load.latencies)
-    print(  # noqa: T201 - the numbers the README quotes
+    print(
         f"\nswap under load: {len(load.answers)} answers, {len(load.failures)} failures, "
         f"switched {switched_in:.1f} s after SIGHUP, latency p50 "
         f"{latencies[len(latencies) // 2] * 1000:.0f} ms, p99 "
@@ -341,7 +341,7 @@ def test_a_moved_registry_alias_is_followed_within_two_poll_periods(
     moved_at = time.monotonic()
     wait_until(lambda: served_versions(server, 8) == {other}, 120, "the new version", server)
     followed_in = time.monotonic() - moved_at
-    print(f"\nalias followed in {followed_in:.1f} s (poll every {POLL_SECONDS} s)")  # noqa: T201
+    print(f"\nalias followed in {followed_in:.1f} s (poll every {POLL_SECONDS} s)")
     assert followed_in <= 2 * POLL_SECONDS
     assert which_model(probabilities(server, registry.sample), registry.expected) == other
     assert "model swap (alias)" in server.log()
@@ -382,8 +382,10 @@ def test_a_worker_respawned_after_a_swap_serves_the_new_model(
         server,
     )
     wait_until(
-        lambda: metric_lines(server, "digitflow_model_info")
-        == [f'digitflow_model_info{{model_uuid="{other}"}} 2'],
+        lambda: (
+            metric_lines(server, "digitflow_model_info")
+            == [f'digitflow_model_info{{model_uuid="{other}"}} 2']
+        ),
         60,
         "both workers in /metrics",
         server,

@@ -134,6 +134,8 @@ def _start_follower(
     """Follow the master's model swaps (see `model_swap`), if there is a master keeping state."""
     state = conf.DIGITFLOW_MODEL_STATE_DIR
     if state is None:
+        if conf.MODEL_POLL_SECONDS > 0:
+            logger.warning("MODEL_POLL_SECONDS is ignored without the gunicorn master")
         return None
     loader = partial(load_served_classifier, conf)
     follower = ModelFollower(app, state, loader, readiness.model_generation or 0)
