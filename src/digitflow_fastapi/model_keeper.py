@@ -22,6 +22,7 @@ import argparse
 import fcntl
 import logging
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -109,6 +110,13 @@ def _swap_lock(folder: Path) -> Iterator[None]:
             fcntl.flock(handle, fcntl.LOCK_UN)
 
 
+def _discard_snapshot(folder: Path, checkpoint: Path, current: DesiredModel) -> None:
+    """Remove a refused model's copy (never the one being served)."""
+    snapshots = (folder / model_state.SNAPSHOTS_DIR).absolute()
+    if checkpoint.parent.parent == snapshots and str(checkpoint) != current.model_path:
+        shutil.rmtree(checkpoint.parent, ignore_errors=True)
+
+
 def swap(folder: Path, reason: str) -> str:
     """Resolve, verify and publish the configured model; returns what happened, in one word."""
     with _swap_lock(folder):
@@ -132,6 +140,7 @@ def swap(folder: Path, reason: str) -> str:
         except Exception as exc:  # any failure to load or check refuses the model
             detail = str(exc) if isinstance(exc, DigitflowError) else f"{type(exc).__name__}: {exc}"
             model_state.record_refusal(folder, candidate.key, candidate.model_uuid, detail)
+            _discard_snapshot(folder, candidate.model_path, current)
             logger.error(
                 "model swap refused (%s): %s %s; still serving %s",
                 reason,
