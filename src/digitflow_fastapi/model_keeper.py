@@ -55,6 +55,11 @@ class Candidate:
         """What a refusal remembers: the run, else the checkpoint's bytes."""
         return self.run_id or self.sha256
 
+    @property
+    def label(self) -> str:
+        """How logs and `/ready` name it: its run, else its digest."""
+        return self.run_id or f"sha256:{self.sha256[:16]}"
+
 
 def _local_candidate(folder: Path, path: Path, configured_uuid: str | None) -> Candidate:
     if not path.is_file():
@@ -139,12 +144,12 @@ def swap(folder: Path, reason: str) -> str:
             checked = verify(candidate)
         except Exception as exc:  # any failure to load or check refuses the model
             detail = str(exc) if isinstance(exc, DigitflowError) else f"{type(exc).__name__}: {exc}"
-            model_state.record_refusal(folder, candidate.key, candidate.model_uuid, detail)
+            model_state.record_refusal(folder, candidate.key, candidate.label, detail)
             _discard_snapshot(folder, candidate.model_path, current)
             logger.error(
-                "model swap refused (%s): %s %s; still serving %s",
+                "model swap refused (%s): %s: %s; still serving %s",
                 reason,
-                candidate.model_uuid or candidate.sha256[:12],
+                candidate.label,
                 detail,
                 current.model_uuid,
             )
