@@ -7,9 +7,10 @@ workers switch to it. A model that fails to load or to reproduce its golden answ
 one log line, a refusal record, and nothing changes for the workers.
 
 `watch` (started by the master when `MODEL_POLL_SECONDS` > 0 and `PRED_MODEL_URI` is a
-`models:/` reference): asks the registry every N seconds which run the reference names, and runs
-`swap` when it is another run than the one served and not one refused before. A registry that
-does not answer only costs a warning (once per outage); serving never waits on it.
+`models:/` reference): asks the registry every N seconds which run the reference names, and
+swaps (in its own process, which then keeps torch imported) when that is another run than the
+one served and not one refused before. A registry that does not answer
+only costs a warning (once per outage); serving never waits on it.
 
 Both run as child processes so the master never imports torch or ONNX Runtime (its forked
 workers must not inherit their thread pools) and never blocks its signal loop. Swaps are
@@ -23,7 +24,6 @@ import fcntl
 import logging
 import os
 import shutil
-import subprocess
 import sys
 import time
 from collections.abc import Iterator
@@ -227,7 +227,10 @@ def watch(folder: Path, every_s: float, parent_pid: int) -> None:
             continue
         if run_id in model_state.read_refusals(folder).candidates:
             continue  # refused once (logged then); wait for the reference to move again
-        subprocess.run(keeper_command("swap", folder, "--reason", "alias"), check=False)
+        try:
+            swap(folder, "alias")  # here, not in a new process: mlflow is imported already
+        except Exception:  # the poller outlives any one failed swap
+            logger.exception("model watch: the swap failed; still serving")
 
 
 def main(argv: list[str] | None = None) -> int:
