@@ -99,7 +99,8 @@ def _load(settings: Settings, given: Classifier | None) -> tuple[Classifier, Rea
         logger.error("not ready: %s", exc)
         return Readiness.self_test_failed(settings.PRED_MODEL_UUID, str(exc))
     except DigitflowError as exc:
-        stop_worker_at_boot(f"start-up failed: {exc}")
+        copied = f" (a copy of {desired.origin})" if desired and desired.origin else ""
+        stop_worker_at_boot(f"start-up failed: {exc}{copied}")
     readiness = Readiness.serving(served.model_uuid, report)
     if desired is not None:
         readiness = dataclasses.replace(readiness, model_generation=desired.generation)

@@ -49,6 +49,7 @@ class Candidate:
     model_uuid: str
     run_id: str | None
     sha256: str
+    origin: str | None = None
 
     @property
     def key(self) -> str:
@@ -66,7 +67,7 @@ def _local_candidate(folder: Path, path: Path, configured_uuid: str | None) -> C
         raise ModelNotFound(f"no checkpoint at {path}")
     run_id = model_state.run_id_in_path(path)
     copy, digest = model_state.snapshot_checkpoint(folder, path)
-    return Candidate(copy, run_id or configured_uuid or "", run_id, digest)
+    return Candidate(copy, run_id or configured_uuid or "", run_id, digest, str(path.absolute()))
 
 
 def resolve_candidate(folder: Path, source: ModelSource) -> Candidate:
@@ -118,7 +119,10 @@ def _swap_lock(folder: Path) -> Iterator[None]:
 def _discard_snapshot(folder: Path, checkpoint: Path, current: DesiredModel) -> None:
     """Remove a refused model's copy (never the one being served)."""
     snapshots = (folder / model_state.SNAPSHOTS_DIR).absolute()
-    if checkpoint.parent.parent == snapshots and str(checkpoint) != current.model_path:
+    if (
+        checkpoint.parent.parent == snapshots
+        and checkpoint.parent != Path(current.model_path).parent
+    ):
         shutil.rmtree(checkpoint.parent, ignore_errors=True)
 
 
@@ -163,6 +167,7 @@ def swap(folder: Path, reason: str) -> str:
                 sha256=candidate.sha256,
                 run_id=candidate.run_id,
                 reason=reason,
+                origin=candidate.origin,
             ),
         )
         logger.info(
@@ -179,14 +184,14 @@ def swap(folder: Path, reason: str) -> str:
 def publish_start_model(folder: Path, source: ModelSource, served: ServedModel) -> DesiredModel:
     """Generation 0: the model the master resolved at start (a path is served from a copy)."""
     model_state.write_source(folder, source)
-    path, run_id = served.model_path, None
+    path, origin = served.model_path, None
+    run_id = model_state.run_id_in_path(path)
     if source.model_path or (source.model_uri and parse_reference(source.model_uri).kind == "path"):
         path, digest = model_state.snapshot_checkpoint(folder, served.model_path)
-        run_id = model_state.run_id_in_path(served.model_path)
+        origin = str(served.model_path.absolute())
     else:
         digest = model_state.file_sha256(path)
-        run_id = model_state.run_id_in_path(path)
-    desired = DesiredModel(0, served.model_uuid, str(path), digest, run_id, "start")
+    desired = DesiredModel(0, served.model_uuid, str(path), digest, run_id, "start", origin)
     model_state.write_desired(folder, desired)
     return desired
 

@@ -55,6 +55,7 @@ class DesiredModel:
     sha256: str
     run_id: str | None = None
     reason: str = "start"
+    origin: str | None = None  # the file it was copied from, when given by path
 
 
 @dataclass
@@ -150,7 +151,7 @@ def snapshot_checkpoint(folder: Path, checkpoint: Path) -> tuple[Path, str]:
     """
     staging = folder / SNAPSHOTS_DIR / f".staging-{time.time_ns()}"
     staging.mkdir(parents=True)
-    copy = staging / "model.pt"
+    copy = staging / checkpoint.name  # messages about the copy still name the file
     shutil.copyfile(checkpoint, copy)
     golden = golden_path(checkpoint)
     if golden.is_file():
@@ -163,4 +164,4 @@ def snapshot_checkpoint(folder: Path, checkpoint: Path) -> tuple[Path, str]:
         shutil.rmtree(staging, ignore_errors=True)
     else:
         staging.rename(target)
-    return target / "model.pt", digest
+    return target / checkpoint.name, digest
