@@ -11,6 +11,7 @@ import json
 import os
 import shutil
 import signal
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -22,7 +23,13 @@ import httpx
 import pytest
 
 from tests.support.gunicorn_server import start_gunicorn
-from tests.support.processes import ServerProcess, stop_process, wait_for_http
+from tests.support.processes import (
+    ServerProcess,
+    free_port,
+    start_process,
+    stop_process,
+    wait_for_http,
+)
 
 pytestmark = pytest.mark.slow  # trains models, starts real servers
 
@@ -393,3 +400,32 @@ def test_a_worker_respawned_after_a_swap_serves_the_new_model(
     answers = {which_model(probabilities(server, registry.sample), registry.expected)}
     assert served_versions(server, 24) == {other}
     assert answers == {other}
+
+
+def test_sighup_sent_to_the_digitflow_serve_pid_swaps_the_model(
+    registry: Registry, tmp_path: Path
+) -> None:
+    # `digitflow serve` execs gunicorn: its pid is the master's, and it keeps the URI configured.
+    name = f"swap-serve-{tmp_path.name[:30]}"
+    move = _register(registry.url, name, [registry.good, registry.other])
+    port = free_port()
+    cli = str(Path(sys.executable).parent / "digitflow")
+    command = [cli, "serve", "--host", "127.0.0.1", "--port", str(port), "--workers", "2"]
+    env = {
+        "MLFLOW_TRACKING_URI": registry.url,
+        "PRED_MODEL_URI": f"models:/{name}@champion",
+        "PRED_MODELS_DIR": str(tmp_path / "models"),
+    }
+    server = start_process(command, tmp_path / "s.log", f"http://127.0.0.1:{port}", env)
+    try:
+        wait_for_http(server, "/ready", timeout=180)
+        assert served_versions(server) == {registry.good.run_id}
+        move(2)
+        os.kill(server.pid, signal.SIGHUP)
+        wait_until(
+            lambda: served_versions(server, 8) == {registry.other.run_id}, 120, "swap", server
+        )
+        assert server.alive()
+        assert worker_pids(server.pid)  # the pid signalled is gunicorn's master
+    finally:
+        stop_process(server)
