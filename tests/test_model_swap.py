@@ -429,3 +429,33 @@ def test_sighup_sent_to_the_digitflow_serve_pid_swaps_the_model(
         assert worker_pids(server.pid)  # the pid signalled is gunicorn's master
     finally:
         stop_process(server)
+
+
+def test_a_registry_that_stops_answering_never_affects_serving(
+    registry: Registry, data_dir: Path, tmp_path: Path
+) -> None:
+    from tests.support.mlflow_server import start_mlflow_server
+
+    own = start_mlflow_server(tmp_path / "mlflow")  # this one is stopped mid-test
+    try:
+        run = _train(own.url, data_dir, seed=1)
+        _register(own.url, "down", [run])
+        env = {
+            "MLFLOW_TRACKING_URI": own.url,
+            "PRED_MODEL_URI": "models:/down@champion",
+            "MODEL_POLL_SECONDS": "1",
+        }
+        server = _serve(tmp_path, env)
+    finally:
+        stop_process(own)
+    try:
+        wait_until(lambda: "registry did not answer" in server.log(), 60, "the warning", server)
+        time.sleep(3.0)  # three more failed polls
+        answers = [probabilities(server, registry.sample) for _ in range(10)]
+        ready = httpx.get(server.url + "/ready", timeout=30)
+        warnings = server.log().count("registry did not answer")
+    finally:
+        stop_process(server)
+    assert len(answers) == 10
+    assert ready.status_code == 200 and ready.json()["model_uuid"] == run.run_id
+    assert warnings == 1  # once per outage, not once per poll

@@ -212,12 +212,14 @@ def watch(folder: Path, every_s: float, parent_pid: int) -> None:
     if reference.kind != "model":
         logger.error("model watch: PRED_MODEL_URI is not a models:/ reference; not polling")
         return
-    tracking = Tracking(read_core_settings().store())
+    store = read_core_settings().store()
+    tracking: Tracking | None = None
     unreachable = False
     logger.info("model watch: polling %s every %gs", uri, every_s)
     while os.getppid() == parent_pid:
         time.sleep(every_s)
         try:
+            tracking = tracking or Tracking(store)  # its constructor probes the server
             run_id = tracking.registered_run_id(reference.value, reference.version, reference.alias)
         except Exception as exc:  # the registry being down must never stop the poller
             if not unreachable:
