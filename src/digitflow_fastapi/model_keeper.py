@@ -36,9 +36,9 @@ from digitflow.model_refs import ServedModel, parse_reference, resolve_model
 from digitflow_fastapi import model_state
 from digitflow_fastapi.model_state import DesiredModel, ModelSource
 
-logger = logging.getLogger(__name__)
-
 MODULE = "digitflow_fastapi.model_keeper"
+
+logger = logging.getLogger(MODULE)  # not `__name__`: run with `-m`, that is "__main__"
 
 
 @dataclass(frozen=True)
@@ -148,6 +148,8 @@ def swap(folder: Path, reason: str) -> str:
             checked = verify(candidate)
         except Exception as exc:  # any failure to load or check refuses the model
             detail = str(exc) if isinstance(exc, DigitflowError) else f"{type(exc).__name__}: {exc}"
+            if candidate.origin:
+                detail += f" (a copy of {candidate.origin})"
             model_state.record_refusal(folder, candidate.key, candidate.label, detail)
             _discard_snapshot(folder, candidate.model_path, current)
             logger.error(
