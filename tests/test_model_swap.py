@@ -309,6 +309,19 @@ def test_a_swap_to_a_corrupt_checkpoint_is_refused_and_the_old_model_keeps_servi
     assert which_model(probabilities(server, registry.sample), registry.expected) == (
         registry.good.run_id
     )
+    # The file on disk is corrupt now; a respawned worker serves the verified copy.
+    victim = worker_pids(server.pid)[0]
+    os.kill(victim, signal.SIGKILL)
+    wait_until(
+        lambda: victim not in (pids := worker_pids(server.pid)) and len(pids) == 2,
+        120,
+        "the respawned worker",
+        server,
+    )
+    wait_for_http(server, "/ready", timeout=60)
+    time.sleep(2.0)  # the respawned worker loads its model
+    assert server.alive()
+    assert served_versions(server, 24) == {"a"}
 
 
 def test_a_swap_to_a_model_failing_its_golden_self_test_is_refused_with_one_log_line(
