@@ -192,7 +192,7 @@ def post_worker_init(worker: Any) -> None:
 
 def on_exit(server: Any) -> None:
     """Stop the registry poller; remove the folders this module created."""
-    if _watcher is not None and _watcher.returncode is None:
+    if _watcher is not None and _watcher.poll() is None:  # not yet reaped (by us or the arbiter)
         with contextlib.suppress(OSError):
             os.kill(_watcher.pid, signal.SIGTERM)  # it also exits once the master is gone
     if _made_metrics_dir is not None:
