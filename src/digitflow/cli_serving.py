@@ -106,11 +106,11 @@ def serve_command(
     served, report = choose_served_model(settings, data_dir, mlruns_dir)
     n_workers = workers or settings.WEB_CONCURRENCY or default_workers()
     port = port or settings.PORT
-    os.environ.update(
-        PRED_MODEL_PATH=str(served.model_path),
-        PRED_MODEL_UUID=served.model_uuid,
-        WEB_CONCURRENCY=str(n_workers),
-    )
+    os.environ["WEB_CONCURRENCY"] = str(n_workers)
+    if settings.PRED_MODEL_PATH is not None or not settings.PRED_MODEL_URI:
+        os.environ.update(PRED_MODEL_PATH=str(served.model_path), PRED_MODEL_UUID=served.model_uuid)
+    # else PRED_MODEL_URI stays the configured reference (its run is pulled now), so SIGHUP and
+    # MODEL_POLL_SECONDS re-resolve it in the server
     argv = gunicorn_argv(host, port, n_workers)
     scale = f"{n_workers} workers"
     if engine == "ray":  # by module name: the core never imports the web layer

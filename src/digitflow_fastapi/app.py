@@ -9,12 +9,15 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import gc
 import logging
 import os
 import sys
 from collections.abc import AsyncIterator, Callable
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
+from functools import partial
+from pathlib import Path
 from typing import NoReturn
 
 from fastapi import FastAPI
@@ -36,6 +39,7 @@ from digitflow_fastapi.errors import install_error_handlers
 from digitflow_fastapi.health import router as health_router
 from digitflow_fastapi.mlflow_scoring import INVOCATIONS, invocations_lean
 from digitflow_fastapi.mlflow_scoring import router as mlflow_router
+from digitflow_fastapi.model_swap import ModelFollower, desired_at_boot
 from digitflow_fastapi.page import install_page
 from digitflow_fastapi.readiness import NOT_LOADED, Readiness
 from digitflow_fastapi.responses import OrjsonResponse
@@ -75,20 +79,32 @@ def load_served_classifier(
 
 
 def _load(settings: Settings, given: Classifier | None) -> tuple[Classifier, Readiness] | Readiness:
-    """The classifier and its readiness, or only a failed readiness (the worker stays up)."""
+    """The classifier and its readiness, or only a failed readiness (the worker stays up).
+
+    Under the gunicorn master a worker serves the state folder's newest generation (the
+    start-up model, or the last one swapped in), so a respawned worker matches its siblings.
+    """
     if given is not None:
         given.warm_up()
         report = SelfTestReport(golden_checked=0, golden_file=None)
         return given, Readiness.serving(settings.PRED_MODEL_UUID, report)
+    desired = desired_at_boot(settings.DIGITFLOW_MODEL_STATE_DIR)
     try:
-        served = served_model(settings)
+        if desired is not None:
+            served = ServedModel(Path(desired.model_path), desired.model_uuid)
+        else:
+            served = served_model(settings)
         classifier, report = load_served_classifier(settings, served)
     except SelfTestFailed as exc:
         logger.error("not ready: %s", exc)
         return Readiness.self_test_failed(settings.PRED_MODEL_UUID, str(exc))
     except DigitflowError as exc:
-        stop_worker_at_boot(f"start-up failed: {exc}")
-    return classifier, Readiness.serving(served.model_uuid, report)
+        copied = f" (a copy of {desired.origin})" if desired and desired.origin else ""
+        stop_worker_at_boot(f"start-up failed: {exc}{copied}")
+    readiness = Readiness.serving(served.model_uuid, report)
+    if desired is not None:
+        readiness = dataclasses.replace(readiness, model_generation=desired.generation)
+    return classifier, readiness
 
 
 WORKER_BOOT_ERROR = 3  # gunicorn's exit code for "worker failed to boot": the master stops too
@@ -111,6 +127,27 @@ def _freeze_start_up_objects() -> None:
     collections walking it under load cost ~100 ms p99 spikes."""
     gc.collect()
     gc.freeze()
+
+
+def _start_follower(
+    app: FastAPI, conf: Settings, readiness: Readiness
+) -> asyncio.Task[None] | None:
+    """Follow the master's model swaps (see `model_swap`), if there is a master keeping state."""
+    state = conf.DIGITFLOW_MODEL_STATE_DIR
+    if state is None:
+        if conf.MODEL_POLL_SECONDS > 0:
+            logger.warning("MODEL_POLL_SECONDS is ignored without the gunicorn master")
+        return None
+    loader = partial(load_served_classifier, conf)
+    follower = ModelFollower(app, state, loader, readiness.model_generation or 0)
+    return asyncio.create_task(follower.follow(), name="digitflow-model-follower")
+
+
+async def _cancel(task: asyncio.Task[None] | None) -> None:
+    if task is not None:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
 
 
 def build_lifespan(settings: Settings | None, classifier: Classifier | None) -> Lifespan:
@@ -139,19 +176,19 @@ def build_lifespan(settings: Settings | None, classifier: Classifier | None) -> 
         await batcher.start()
         app.state.service = ModelService(batcher=batcher, model_uuid=readiness.model_uuid or "")
         app.state.readiness = readiness
+        metrics.METRICS.model.uuid = readiness.model_uuid or ""
         logger.info("model ready (%d golden images checked)", readiness.golden_checked or 0)
         _freeze_start_up_objects()
         folder = conf.DIGITFLOW_METRICS_DIR
         publisher = asyncio.create_task(metrics.publish_forever(folder)) if folder else None
+        follower = _start_follower(app, conf, readiness)
         try:
             yield
         finally:
             app.state.readiness = NOT_LOADED
+            await _cancel(follower)  # no swap while shutting down
             await batcher.stop()
-            if publisher is not None:
-                publisher.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await publisher
+            await _cancel(publisher)
 
     return lifespan
 

@@ -57,9 +57,14 @@ class Settings(ModelSettings):
     REQUEST_TIMEOUT_MS: NonNegativeFloat = 10_000.0  # 0: no deadline
     WEB_CONCURRENCY: PositiveInt = 1
     DIGITFLOW_METRICS_DIR: Path | None = None
+    # Model swaps: poll a `models:/name@alias` PRED_MODEL_URI every N s (0: only on SIGHUP).
+    MODEL_POLL_SECONDS: NonNegativeFloat = 0.0
+    DIGITFLOW_MODEL_STATE_DIR: Path | None = None  # set by the gunicorn master for its workers
     OIP_MODEL_NAME: str = Field(default="mnist", pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 
-    @field_validator("DIGITFLOW_METRICS_DIR", "RAY_ADDRESS", mode="before")
+    @field_validator(
+        "DIGITFLOW_METRICS_DIR", "DIGITFLOW_MODEL_STATE_DIR", "RAY_ADDRESS", mode="before"
+    )
     @classmethod
     def _empty_is_unset(cls, value: Any) -> Any:
         return None if value == "" else value

@@ -12,7 +12,7 @@ from digitflow_fastapi.config import Settings
 
 @dataclass
 class ModelService:
-    """What a worker loaded at start-up."""
+    """The model a worker serves now; `model_swap` replaces both fields when a swap lands."""
 
     batcher: MicroBatcher
     model_uuid: str

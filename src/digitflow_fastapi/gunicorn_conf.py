@@ -14,6 +14,9 @@ through the thin `src/gunicorn.conf.py`, by the seed's command run from `src/`.
   whatever is still queued on its own socket (`listener_drain`) instead of resetting it.
 - Because SO_REUSEPORT would let a second server on the same port share it silently, the
   master first checks that nothing listens there and stops with a clear message if it does.
+- Model swaps: SIGHUP does not reload gunicorn's config or replace workers; it re-resolves the
+  configured model, verifies it in a child process and the workers switch in place
+  (`model_keeper`, `model_state`, `model_swap`); `MODEL_POLL_SECONDS` follows a registry alias.
 - Metrics: `DIGITFLOW_METRICS_DIR` (a fresh temporary folder unless set) is where workers write
   their metric snapshots, so `/metrics` reports all of them (see `digitflow_fastapi.metrics`);
   the folder is removed at exit if this module made it.
@@ -21,16 +24,21 @@ through the thin `src/gunicorn.conf.py`, by the seed's command run from `src/`.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import shutil
+import signal
 import socket
+import subprocess
 import sys
 import tempfile
+from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
+    from digitflow.model_refs import ServedModel
     from digitflow_fastapi.config import Settings
 
 __all__ = ["control_socket_disable", "on_exit", "on_starting", "post_worker_init", "reuse_port"]
@@ -53,6 +61,8 @@ reuse_port = _reuse_port()
 control_socket_disable = True
 
 _made_metrics_dir: Path | None = None  # set in the master when it creates the folder
+_made_model_state_dir: Path | None = None  # likewise, for the model swap state
+_watcher: subprocess.Popen[bytes] | None = None  # the registry poller (MODEL_POLL_SECONDS)
 
 
 def _refuse_busy_ports(addresses: list[Any]) -> None:
@@ -82,7 +92,7 @@ def _prepare_metrics_dir(configured: Path | None) -> None:
         stale.unlink()
 
 
-def _pin_served_model(settings: Settings) -> None:
+def _pin_served_model(settings: Settings) -> ServedModel:
     """Resolve the model once and hand every worker the same file and UUID (or exit, one line)."""
     from digitflow.errors import DigitflowError
     from digitflow_fastapi.app import served_model
@@ -93,10 +103,58 @@ def _pin_served_model(settings: Settings) -> None:
         sys.exit(f"start-up failed: {exc}")
     os.environ["PRED_MODEL_PATH"] = str(served.model_path)
     os.environ["PRED_MODEL_UUID"] = served.model_uuid
+    return served
+
+
+def _prepare_model_state(server: Any, settings: Settings, served: ServedModel) -> None:
+    """Publish the start-up model as generation 0, make SIGHUP a model swap, start the poller.
+
+    gunicorn's own SIGHUP (reload the config, replace every worker) would make requests wait for
+    new workers to boot, and a bad model would stop the server; `model_keeper` verifies the new
+    model in a child process instead, and the workers switch in place (see `model_swap`).
+    """
+    global _made_model_state_dir, _watcher
+    from digitflow.errors import DigitflowError
+    from digitflow.model_refs import parse_reference
+    from digitflow_fastapi.model_keeper import keeper_command, publish_start_model
+    from digitflow_fastapi.model_state import ModelSource
+
+    source = ModelSource(
+        str(settings.PRED_MODEL_PATH) if settings.PRED_MODEL_PATH is not None else None,
+        settings.PRED_MODEL_URI or None,
+        settings.PRED_MODEL_UUID or None,
+    )
+    polling = settings.MODEL_POLL_SECONDS > 0
+    if polling and (source.model_path or parse_reference(source.model_uri or "").kind != "model"):
+        sys.exit(
+            "start-up failed: MODEL_POLL_SECONDS follows a registry reference: set "
+            "PRED_MODEL_URI=models:/<name>@<alias> and leave PRED_MODEL_PATH unset"
+        )
+    folder = _made_model_state_dir = Path(tempfile.mkdtemp(prefix="digitflow-model-"))
+    os.environ["DIGITFLOW_MODEL_STATE_DIR"] = str(folder)
+    try:
+        publish_start_model(folder, source, served)
+    except (OSError, DigitflowError) as exc:
+        sys.exit(f"start-up failed: {exc}")
+    server.handle_hup = partial(_start_swap, server, folder)  # the arbiter looks it up by name
+    if polling:
+        every = str(settings.MODEL_POLL_SECONDS)
+        _watcher = subprocess.Popen(
+            keeper_command("watch", folder, "--every", every, "--parent-pid", str(os.getpid()))
+        )
+
+
+def _start_swap(server: Any, folder: Path) -> None:
+    """SIGHUP: verify the configured model in a child process; workers keep serving meanwhile."""
+    from digitflow_fastapi.model_keeper import keeper_command
+
+    server.log.info("Hang up: checking the configured model for a swap (workers keep serving)")
+    subprocess.Popen(keeper_command("swap", folder, "--reason", "hup"))  # reaped by the arbiter
 
 
 def on_starting(server: Any) -> None:
-    """Refuse a busy port, pin the model, export the worker count, prepare the metrics folder."""
+    """Refuse a busy port, pin the model, export the worker count, prepare the metrics and
+    model-state folders, make SIGHUP a model swap."""
     from digitflow.errors import ConfigError
     from digitflow_fastapi.config import get_settings
 
@@ -105,9 +163,10 @@ def on_starting(server: Any) -> None:
         settings = get_settings()
     except ConfigError as exc:
         sys.exit(f"start-up failed: {exc}")
-    _pin_served_model(settings)
+    served = _pin_served_model(settings)
     os.environ["WEB_CONCURRENCY"] = str(server.cfg.workers)
     _prepare_metrics_dir(settings.DIGITFLOW_METRICS_DIR)
+    _prepare_model_state(server, settings, served)
     get_settings.cache_clear()  # workers read the values exported here
 
 
@@ -135,6 +194,11 @@ def post_worker_init(worker: Any) -> None:
 
 
 def on_exit(server: Any) -> None:
-    """Remove the metrics folder if this module created it."""
+    """Stop the registry poller; remove the folders this module created."""
+    if _watcher is not None and _watcher.poll() is None:  # not yet reaped (by us or the arbiter)
+        with contextlib.suppress(OSError):
+            os.kill(_watcher.pid, signal.SIGTERM)  # it also exits once the master is gone
     if _made_metrics_dir is not None:
         shutil.rmtree(_made_metrics_dir, ignore_errors=True)
+    if _made_model_state_dir is not None:
+        shutil.rmtree(_made_model_state_dir, ignore_errors=True)

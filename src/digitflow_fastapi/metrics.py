@@ -15,6 +15,7 @@ import contextlib
 import json
 import os
 import stat
+import time
 from bisect import bisect_left
 from collections import Counter
 from collections.abc import Sequence
@@ -47,10 +48,32 @@ class Histogram:
         self.sum += value
 
 
+class ModelMetrics:
+    """Which model this worker serves, and the service's swap counts as this worker last saw
+    them (`swaps`: the generation it serves; `refused`: from the state folder)."""
+
+    def __init__(self) -> None:
+        self.uuid: str | None = None  # None until a model is loaded
+        self.generation = 0
+        self.swaps = 0
+        self.refused = 0
+        self.load_failures = 0
+
+    def snapshot(self) -> dict[str, Any]:
+        return {
+            "uuid": self.uuid,
+            "generation": self.generation,
+            "swaps": self.swaps,
+            "refused": self.refused,
+            "load_failures": self.load_failures,
+        }
+
+
 class WorkerMetrics:
     """This process's totals."""
 
     def __init__(self) -> None:
+        self.model = ModelMetrics()
         self.requests: Counter[str] = Counter()
         self.images = 0
         self.latency = Histogram(LATENCY_BUCKETS)
@@ -82,6 +105,7 @@ class WorkerMetrics:
             "batch": {"counts": self.batch.counts, "sum": self.batch.sum},
             "queue_wait": {"counts": self.queue_wait.counts, "sum": self.queue_wait.sum},
             "classes": self.classes,
+            "model": self.model.snapshot(),
         }
 
 
@@ -126,15 +150,37 @@ def _add(total: dict[str, Any], part: dict[str, Any]) -> None:
 def collect(folder: Path | None, own: WorkerMetrics = METRICS) -> dict[str, Any]:
     """Totals over every worker's snapshot in `folder` (this worker's, `own`, refreshed first)."""
     if folder is None:
-        return own.snapshot()
+        total = own.snapshot()
+        _add_model(total, total["model"], live=True)
+        return total
     write_snapshot(folder, own)
     total = WorkerMetrics().snapshot()
+    live_since = time.time() - LIVE_SNAPSHOT_S
     for path in folder.glob("worker-*.json"):
         with contextlib.suppress(OSError, ValueError):
             snapshot = _read_regular_file(path)
             if snapshot is not None:
-                _add(total, json.loads(snapshot))
+                part = json.loads(snapshot)
+                _add(total, part)
+                _add_model(total, part.get("model", {}), path.stat().st_mtime >= live_since)
     return total
+
+
+LIVE_SNAPSHOT_S = 5.0  # a worker rewrites its snapshot every second; older ones have exited
+
+
+def _add_model(total: dict[str, Any], part: dict[str, Any], live: bool) -> None:
+    """Served uuids by live worker; the service's swap counts (the highest any worker saw)."""
+    served: dict[str, int] = total.setdefault("model_info", {})
+    if live and part.get("uuid") is not None:
+        served[str(part["uuid"])] = served.get(str(part["uuid"]), 0) + 1
+    mine = total["model"]
+    for key in ("swaps", "refused"):
+        mine[key] = max(int(mine.get(key, 0)), int(part.get(key, 0)))
+    if part is not mine:
+        mine["load_failures"] = int(mine.get("load_failures", 0)) + int(
+            part.get("load_failures", 0)
+        )
 
 
 def _read_regular_file(path: Path) -> bytes | None:
@@ -154,6 +200,30 @@ def _histogram_lines(name: str, bounds: tuple[float, ...], data: dict[str, Any])
         lines.append(f'{name}_bucket{{le="{le}"}} {running}')
     lines += [f"{name}_sum {data['sum']!r}", f"{name}_count {running}"]
     return lines
+
+
+def _model_lines(total: dict[str, Any]) -> list[str]:
+    model = total["model"]
+    lines = [
+        "# HELP digitflow_model_info Workers serving each model (by model uuid).",
+        "# TYPE digitflow_model_info gauge",
+    ]
+    for uuid, workers in sorted(total.get("model_info", {}).items()):
+        label = uuid.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
+        lines.append(f'digitflow_model_info{{model_uuid="{label}"}} {workers}')
+    return [
+        *lines,
+        "# HELP digitflow_model_swaps_total Model swaps published (SIGHUP or a moved alias).",
+        "# TYPE digitflow_model_swaps_total counter",
+        f"digitflow_model_swaps_total {model['swaps']}",
+        "# HELP digitflow_model_swaps_refused_total Swaps refused: failed to load or self-test.",
+        "# TYPE digitflow_model_swaps_refused_total counter",
+        f"digitflow_model_swaps_refused_total {model['refused']}",
+        "# HELP digitflow_model_worker_load_failures_total Published models a worker could not "
+        "load (it kept the old one).",
+        "# TYPE digitflow_model_worker_load_failures_total counter",
+        f"digitflow_model_worker_load_failures_total {model['load_failures']}",
+    ]
 
 
 def render(folder: Path | None, own: WorkerMetrics = METRICS) -> str:
@@ -184,5 +254,6 @@ def render(folder: Path | None, own: WorkerMetrics = METRICS) -> str:
             f'digitflow_predictions_total{{digit="{digit}"}} {count}'
             for digit, count in enumerate(total["classes"])
         ),
+        *_model_lines(total),
     ]
     return "\n".join(lines) + "\n"

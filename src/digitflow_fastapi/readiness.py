@@ -20,6 +20,9 @@ class Readiness:
     warmed_up: bool | None = None
     golden_checked: int | None = None
     golden_file: str | None = None
+    model_generation: int | None = None
+    refused_swaps: int | None = None
+    last_refused_swap: dict[str, str] | None = None
 
     @classmethod
     def serving(cls, model_uuid: str, report: SelfTestReport) -> Readiness:

@@ -46,6 +46,13 @@ class ReadyStatus(BaseModel):
     warmed_up: bool | None = None
     golden_checked: int | None = None
     golden_file: str | None = None
+    model_generation: int | None = Field(
+        default=None, description="Swaps since start behind the model served (0: the first)"
+    )
+    refused_swaps: int | None = Field(default=None, description="Model swaps refused so far")
+    last_refused_swap: dict[str, str] | None = Field(
+        default=None, description="The last refused swap: model_uuid, reason, at"
+    )
 
 
 class ExplainedPredictionItem(PredictionItem):
