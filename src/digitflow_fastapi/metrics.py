@@ -48,10 +48,14 @@ class WorkerMetrics:
         self.images = 0
         self.latency = Histogram(LATENCY_BUCKETS)
         self.batch = Histogram(BATCH_BUCKETS)
+        self.refused: Counter[str] = Counter()  # by the edge, before any endpoint: 401/403/429
 
     def observe_request(self, status: int, seconds: float) -> None:
         self.requests[str(status)] += 1
         self.latency.observe(seconds)
+
+    def observe_refusal(self, status: int) -> None:
+        self.refused[str(status)] += 1
 
     def observe_batch(self, images: int) -> None:
         self.batch.observe(images)
@@ -62,6 +66,7 @@ class WorkerMetrics:
             "images": self.images,
             "latency": {"counts": self.latency.counts, "sum": self.latency.sum},
             "batch": {"counts": self.batch.counts, "sum": self.batch.sum},
+            "refused": dict(self.refused),
         }
 
 
@@ -92,6 +97,8 @@ def _add(total: dict[str, Any], part: dict[str, Any]) -> None:
     for status, count in part.get("requests", {}).items():
         total["requests"][status] = total["requests"].get(status, 0) + int(count)
     total["images"] += int(part.get("images", 0))
+    for status, count in part.get("refused", {}).items():
+        total["refused"][status] = total["refused"].get(status, 0) + int(count)
     for name in ("latency", "batch"):
         counts = part.get(name, {}).get("counts", [])
         mine = total[name]["counts"]
@@ -152,5 +159,10 @@ def render(folder: Path | None, own: WorkerMetrics = METRICS) -> str:
         "# HELP digitflow_batch_images Images per forward pass (micro-batching).",
         "# TYPE digitflow_batch_images histogram",
         *_histogram_lines("digitflow_batch_images", BATCH_BUCKETS, total["batch"]),
+        "# HELP digitflow_refused_requests_total Requests refused at the edge (401, 403, 429), "
+        "any route, by HTTP status.",
+        "# TYPE digitflow_refused_requests_total counter",
     ]
+    for status, count in sorted(total["refused"].items()):
+        lines.append(f'digitflow_refused_requests_total{{status="{status}"}} {count}')
     return "\n".join(lines) + "\n"

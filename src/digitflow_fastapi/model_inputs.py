@@ -20,6 +20,7 @@ from digitflow_fastapi import metrics
 from digitflow_fastapi.decoding import ImageDecoder
 from digitflow_fastapi.deps import get_app_settings, get_service
 from digitflow_fastapi.errors import RequestError
+from digitflow_fastapi.request_log import note_predictions
 
 FloatBatch = npt.NDArray[np.float32]
 
@@ -98,4 +99,5 @@ async def predict_batch(request: Request, batch: FloatBatch) -> list[Prediction]
     check_count(len(batch), settings.MAX_FILES_PER_REQUEST)
     predictions = await service.batcher.predict(batch)
     metrics.METRICS.images += len(predictions)
+    note_predictions((p.label for p in predictions), service.model_uuid)
     return predictions

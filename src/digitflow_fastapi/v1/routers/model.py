@@ -12,6 +12,7 @@ from digitflow_fastapi import metrics
 from digitflow_fastapi.decoding import ImageDecoder
 from digitflow_fastapi.deps import ModelService, get_app_settings, get_service
 from digitflow_fastapi.errors import RequestError
+from digitflow_fastapi.request_log import note_predictions
 from digitflow_fastapi.responses import OrjsonResponse
 from digitflow_fastapi.schemas import ErrorResponse, ExplainedPredictResponse, VersionResponse
 from digitflow_fastapi.uploads import read_multipart
@@ -134,6 +135,7 @@ async def answer_predict(
     )
     predictions = await service.batcher.predict(inputs)  # float32 already
     metrics.METRICS.images += len(predictions)
+    note_predictions((p.label for p in predictions), service.model_uuid)
     data: list[dict[str, Any]] = []
     for part, pred, image in zip(files, predictions, inputs, strict=True):
         item: dict[str, Any] = {
