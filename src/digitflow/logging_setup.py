@@ -40,18 +40,29 @@ class RequestIdFilter(logging.Filter):
 class JsonFormatter(logging.Formatter):
     """One JSON object per line: time (ms), level, logger, message, request id, `extra=` fields."""
 
+    _second = -1
+    _second_text = ""
+
+    def _time(self, record: logging.LogRecord) -> str:
+        second = int(record.created)
+        if second != self._second:  # strftime once a second: it is most of a line's cost
+            self._second_text = self.formatTime(record, "%Y-%m-%dT%H:%M:%S")
+            self._second = second
+        return f"{self._second_text}.{int(record.msecs):03d}"
+
     def format(self, record: logging.LogRecord) -> str:
         payload: dict[str, Any] = {
-            "time": f"{self.formatTime(record, '%Y-%m-%dT%H:%M:%S')}.{int(record.msecs):03d}",
+            "time": self._time(record),
             "level": record.levelname,
             "logger": record.name,
             "message": record.getMessage(),
         }
-        request_id = record.__dict__.get("request_id")
+        fields = record.__dict__
+        request_id = fields.get("request_id")
         if request_id is not None:
             payload["request_id"] = request_id
-        for key, value in record.__dict__.items():
-            if key not in _STANDARD_ATTRS and not key.startswith("_"):
+        for key, value in fields.items():
+            if key not in _STANDARD_ATTRS and key[0] != "_":
                 payload[key] = value
         if record.exc_info:
             payload["exc_info"] = self.formatException(record.exc_info)
