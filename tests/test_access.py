@@ -213,12 +213,12 @@ def test_the_docs_page_has_an_authorize_button_that_makes_try_it_out_work(
             dialog.locator("input").first.fill(KEY)
             dialog.locator("button.authorize").first.click()
             page.screenshot(path=tmp_path / "authorize.png")
-            dialog.locator("button.btn-done").click()
+            dialog.locator("button.btn-done").first.click()
             operation = page.locator("#operations-model-version_api_v1_model_version_get")
             operation.locator(".opblock-summary").click()
             operation.locator("button.try-out__btn").click()
             operation.locator("button.execute").click()
-            status = operation.locator(".live-responses-table .response-col_status").first
+            status = operation.locator(".live-responses-table tbody .response-col_status").first
             status.wait_for(timeout=30_000)
             assert status.inner_text().strip() == "200"
         finally:
