@@ -10,8 +10,8 @@ import httpx
 import pytest
 from playwright.sync_api import sync_playwright
 
-from tests.support.gunicorn_server import TrainedModel, serve
-from tests.support.processes import ServerProcess
+from tests.support.gunicorn_server import TrainedModel, serve, start_gunicorn
+from tests.support.processes import ServerProcess, stop_process
 
 pytestmark = pytest.mark.slow  # starts a real server and trains a model
 
@@ -223,3 +223,27 @@ def test_the_docs_page_has_an_authorize_button_that_makes_try_it_out_work(
             assert status.inner_text().strip() == "200"
         finally:
             browser.close()
+
+
+@pytest.mark.parametrize(
+    ("env", "words"),
+    [
+        ({"CORS_ORIGINS": "*", "CORS_ALLOW_CREDENTIALS": "true"}, "CORS_ORIGINS='*' cannot"),
+        ({"API_KEYS": "short-secret"}, "key #1 in API_KEYS"),
+        ({"RATE_LIMIT": "lots/second"}, "RATE_LIMIT"),
+    ],
+)
+def test_the_server_refuses_a_bad_edge_setting_at_start_up_with_one_line(
+    trained_model: TrainedModel, tmp_path: Path, env: dict[str, str], words: str
+) -> None:
+    server = start_gunicorn(
+        tmp_path / "g.log", {"PRED_MODEL_PATH": str(trained_model.model_path), **env}, workers=1
+    )
+    try:
+        returncode = server.process.wait(timeout=120)
+    finally:
+        stop_process(server)
+    log = server.log()
+    assert returncode != 0 and words in log
+    assert "Traceback" not in log
+    assert "short-secret" not in log
