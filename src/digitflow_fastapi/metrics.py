@@ -48,14 +48,14 @@ class WorkerMetrics:
         self.images = 0
         self.latency = Histogram(LATENCY_BUCKETS)
         self.batch = Histogram(BATCH_BUCKETS)
-        self.refused: Counter[str] = Counter()  # by the edge, before any endpoint: 401/403/429
+        self.edge_refused: Counter[str] = Counter()  # by the edge, before any endpoint: 401/403/429
 
     def observe_request(self, status: int, seconds: float) -> None:
         self.requests[str(status)] += 1
         self.latency.observe(seconds)
 
     def observe_refusal(self, status: int) -> None:
-        self.refused[str(status)] += 1
+        self.edge_refused[str(status)] += 1
 
     def observe_batch(self, images: int) -> None:
         self.batch.observe(images)
@@ -66,7 +66,7 @@ class WorkerMetrics:
             "images": self.images,
             "latency": {"counts": self.latency.counts, "sum": self.latency.sum},
             "batch": {"counts": self.batch.counts, "sum": self.batch.sum},
-            "refused": dict(self.refused),
+            "edge_refused": dict(self.edge_refused),
         }
 
 
@@ -97,8 +97,8 @@ def _add(total: dict[str, Any], part: dict[str, Any]) -> None:
     for status, count in part.get("requests", {}).items():
         total["requests"][status] = total["requests"].get(status, 0) + int(count)
     total["images"] += int(part.get("images", 0))
-    for status, count in part.get("refused", {}).items():
-        total["refused"][status] = total["refused"].get(status, 0) + int(count)
+    for status, count in part.get("edge_refused", {}).items():
+        total["edge_refused"][status] = total["edge_refused"].get(status, 0) + int(count)
     for name in ("latency", "batch"):
         counts = part.get(name, {}).get("counts", [])
         mine = total[name]["counts"]
@@ -163,6 +163,6 @@ def render(folder: Path | None, own: WorkerMetrics = METRICS) -> str:
         "any route, by HTTP status.",
         "# TYPE digitflow_refused_requests_total counter",
     ]
-    for status, count in sorted(total["refused"].items()):
+    for status, count in sorted(total["edge_refused"].items()):
         lines.append(f'digitflow_refused_requests_total{{status="{status}"}} {count}')
     return "\n".join(lines) + "\n"
