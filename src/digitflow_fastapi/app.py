@@ -34,7 +34,8 @@ from digitflow_fastapi.asgi import LeanFastAPI
 from digitflow_fastapi.config import Settings, get_settings
 from digitflow_fastapi.decoding import DecodeLimits, ImageDecoder
 from digitflow_fastapi.deps import ModelService
-from digitflow_fastapi.docs import install_docs
+from digitflow_fastapi.docs import declare_edge_in_schema, install_docs
+from digitflow_fastapi.edge import Edge
 from digitflow_fastapi.errors import install_error_handlers
 from digitflow_fastapi.health import router as health_router
 from digitflow_fastapi.mlflow_scoring import INVOCATIONS, invocations_lean
@@ -205,6 +206,7 @@ def create_app(settings: Settings | None = None, classifier: Classifier | None =
         },
         max_body_bytes=conf.MAX_UPLOAD_BYTES,
         max_in_flight=conf.MAX_IN_FLIGHT_PER_WORKER,
+        edge=Edge.from_settings(conf),
         title=conf.API_NAME,
         description="Recognises a handwritten digit (0–9) in an uploaded image.",
         default_response_class=OrjsonResponse,
@@ -230,4 +232,5 @@ def create_app(settings: Settings | None = None, classifier: Classifier | None =
     app.include_router(oip_router)
     app.include_router(mlflow_router)
     install_page(app)
+    declare_edge_in_schema(app, app.edge)
     return app

@@ -1,9 +1,11 @@
-"""ASGI layers in front of FastAPI: the body-size cap and the lean path for hot endpoints.
+"""ASGI layers in front of FastAPI: the edge (request ids and logs, CORS, API keys, rate limit,
+body-size cap) and the lean path for hot endpoints.
 
-`LeanFastAPI` is a FastAPI app whose hot endpoints (the predict route) are answered straight
+`LeanFastAPI` is a FastAPI app whose hot endpoints (the predict routes) are answered straight
 from the ASGI scope, ahead of Starlette's middleware and router: measured under load, those
 layers cost more CPU than decoding the image. Everything else (docs, health, version, the
-documented twin of each hot route in the OpenAPI schema) is plain FastAPI.
+documented twin of each hot route in the OpenAPI schema) is plain FastAPI. The edge runs first
+for every HTTP request, whichever of the two answers it (see `edge.Edge`).
 """
 
 from __future__ import annotations
@@ -17,8 +19,18 @@ from fastapi import FastAPI
 from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response
 
+from digitflow.logging_setup import current_request_id
 from digitflow_fastapi import metrics
+from digitflow_fastapi.access import presented_key
+from digitflow_fastapi.edge import Edge
 from digitflow_fastapi.errors import RequestError, error_response
+from digitflow_fastapi.request_log import (
+    REQUEST_ID_HEADER,
+    RequestIds,
+    RequestRecord,
+    current_record,
+    write_request_line,
+)
 from digitflow_fastapi.responses import OrjsonResponse
 
 logger = logging.getLogger(__name__)
@@ -29,32 +41,32 @@ Receive = Callable[[], Awaitable[Message]]
 Send = Callable[[Message], Awaitable[None]]
 ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
 Endpoint = Callable[[Request], Awaitable[Response]]
+Headers = Mapping[bytes, bytes]
 
 CLIENT_CLOSED_REQUEST = 499
+_PREFLIGHT_HEADER = b"access-control-request-method"
 
 
-def _declared_length_problem(scope: Scope, max_bytes: int) -> OrjsonResponse | None:
+def _declared_length_problem(value: bytes | None, max_bytes: int) -> OrjsonResponse | None:
     """A 413/400 answer when the declared Content-Length is over the cap or invalid."""
-    for name, value in scope.get("headers", ()):
-        if name != b"content-length":
-            continue
-        try:
-            length = int(value)
-        except ValueError:
-            length = -1
-        if length < 0:
-            response = OrjsonResponse({"detail": "invalid Content-Length header"}, 400)
-        elif length > max_bytes:
-            detail = (
-                f"request body of {value.decode('latin-1')[:20]} bytes exceeds "
-                f"MAX_UPLOAD_BYTES ({max_bytes})"
-            )
-            response = OrjsonResponse({"detail": detail}, 413)
-        else:
-            return None
-        response.headers["Connection"] = "close"
-        return response
-    return None
+    if value is None:
+        return None
+    try:
+        length = int(value)
+    except ValueError:
+        length = -1
+    if length < 0:
+        response = OrjsonResponse({"detail": "invalid Content-Length header"}, 400)
+    elif length > max_bytes:
+        detail = (
+            f"request body of {value.decode('latin-1')[:20]} bytes exceeds "
+            f"MAX_UPLOAD_BYTES ({max_bytes})"
+        )
+        response = OrjsonResponse({"detail": detail}, 413)
+    else:
+        return None
+    response.headers["Connection"] = "close"
+    return response
 
 
 def overloaded_response(limit: int) -> OrjsonResponse:
@@ -67,13 +79,14 @@ def overloaded_response(limit: int) -> OrjsonResponse:
 
 
 class LeanFastAPI(FastAPI):
-    """FastAPI with a body-size cap in front and hot POST endpoints served without middleware."""
+    """FastAPI with the edge in front and hot POST endpoints served without middleware."""
 
     def __init__(
         self,
         hot_posts: Mapping[str, Endpoint],
         max_body_bytes: int,
         max_in_flight: int = 128,
+        edge: Edge | None = None,
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
@@ -81,22 +94,89 @@ class LeanFastAPI(FastAPI):
         self.max_body_bytes = max_body_bytes
         self.max_in_flight = max_in_flight
         self.in_flight = 0
+        self.edge = edge or Edge()
+        self.request_ids = RequestIds()
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] == "http":
-            refusal = _declared_length_problem(scope, self.max_body_bytes)
+        if scope["type"] != "http":
+            await super().__call__(scope, receive, send)
+            return
+        started = time.perf_counter()
+        headers: Headers = dict(scope["headers"])
+        request_id, rejected_id = self.request_ids.take(headers.get(REQUEST_ID_HEADER))
+        record = RequestRecord(request_id, rejected_id)
+        extra = [(REQUEST_ID_HEADER, request_id.encode("ascii"))]
+        preflight = None
+        cors = self.edge.cors
+        origin = headers.get(b"origin") if cors is not None else None
+        if cors is not None and origin is not None:
+            if scope["method"] == "OPTIONS" and _PREFLIGHT_HEADER in headers:
+                preflight = cors.preflight(origin, headers)
+            else:
+                extra += cors.response_headers(origin)
+
+        async def send_with_edge_headers(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                record.status = message["status"]
+                message["headers"] = [*message.get("headers", ()), *extra]
+            await send(message)
+
+        id_token = current_request_id.set(request_id)
+        record_token = current_record.set(record)
+        try:
+            if preflight is not None:
+                await preflight(scope, receive, send_with_edge_headers)
+            else:
+                await self._route(scope, receive, send_with_edge_headers, headers, started)
+        finally:
+            if self.edge.request_log:
+                write_request_line(scope, record, started, self._served_uuid())
+            current_record.reset(record_token)
+            current_request_id.reset(id_token)
+
+    def _served_uuid(self) -> str | None:
+        uuid = getattr(getattr(self.state, "service", None), "model_uuid", None)
+        return uuid if isinstance(uuid, str) else None
+
+    def _refusal(self, scope: Scope, headers: Headers) -> OrjsonResponse | None:
+        """401/403 (API keys) or 429 (rate limit) for a protected path, else None."""
+        edge = self.edge
+        key = presented_key(headers)
+        if edge.keys is not None:
+            refusal = edge.keys.refusal(key)
             if refusal is not None:
-                await refusal(scope, receive, send)
-                return
-            endpoint = self.hot_posts.get(scope["path"]) if scope["method"] == "POST" else None
+                return refusal
+        if edge.limiter is None:
+            return None
+        client = key if edge.keys is not None else (scope.get("client") or ("unknown",))[0]
+        return edge.limiter.refusal(client)
+
+    async def _route(
+        self, scope: Scope, receive: Receive, send: Send, headers: Headers, started: float
+    ) -> None:
+        path = scope["path"]
+        endpoint = self.hot_posts.get(path) if scope["method"] == "POST" else None
+        refusal = None
+        if self.edge.guards and path in self.edge.protected:
+            refusal = self._refusal(scope, headers)
+            if refusal is not None:
+                metrics.METRICS.observe_refusal(refusal.status_code)
+        if refusal is None:
+            refusal = _declared_length_problem(headers.get(b"content-length"), self.max_body_bytes)
+        if refusal is not None:
+            await refusal(scope, receive, send)
             if endpoint is not None:
-                scope["app"] = self
-                await self._answer(endpoint, scope, receive, send)
-                return
+                metrics.METRICS.observe_request(refusal.status_code, time.perf_counter() - started)
+            return
+        if endpoint is not None:
+            scope["app"] = self
+            await self._answer(endpoint, scope, receive, send, started)
+            return
         await super().__call__(scope, receive, send)
 
-    async def _answer(self, endpoint: Endpoint, scope: Scope, receive: Receive, send: Send) -> None:
-        started = time.perf_counter()
+    async def _answer(
+        self, endpoint: Endpoint, scope: Scope, receive: Receive, send: Send, started: float
+    ) -> None:
         if self.in_flight >= self.max_in_flight:
             # Refused before the body is read: waiting would only grow everyone's latency.
             response = overloaded_response(self.max_in_flight)

@@ -16,14 +16,23 @@ from pydantic import (
     NonNegativeFloat,
     PositiveFloat,
     PositiveInt,
+    SecretStr,
     ValidationError,
     field_validator,
+    model_validator,
 )
 
 from digitflow import paths
 from digitflow.errors import ConfigError
 from digitflow.preprocess import DEFAULT_MAX_WORK_PIXELS
 from digitflow.settings import ModelSettings, one_line
+from digitflow_fastapi.edge_settings import (
+    RATE_LIMIT_PATTERN,
+    check_api_keys,
+    parse_origins,
+    read_api_keys_file,
+    split_api_keys,
+)
 
 
 class Settings(ModelSettings):
@@ -61,9 +70,23 @@ class Settings(ModelSettings):
     MODEL_POLL_SECONDS: NonNegativeFloat = 0.0
     DIGITFLOW_MODEL_STATE_DIR: Path | None = None  # set by the gunicorn master for its workers
     OIP_MODEL_NAME: str = Field(default="mnist", pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+    # The ASGI edge (`digitflow_fastapi.edge`): request logs, API keys, CORS, rate limit.
+    REQUEST_LOG: bool = True
+    API_KEYS: SecretStr | None = None
+    API_KEYS_FILE: Path | None = None
+    CORS_ORIGINS: str = ""
+    CORS_ALLOW_CREDENTIALS: bool = False
+    RATE_LIMIT: str | None = Field(default=None, pattern=RATE_LIMIT_PATTERN)
+    RATE_LIMIT_MAX_CLIENTS: PositiveInt = 10_000
 
     @field_validator(
-        "DIGITFLOW_METRICS_DIR", "DIGITFLOW_MODEL_STATE_DIR", "RAY_ADDRESS", mode="before"
+        "DIGITFLOW_METRICS_DIR",
+        "DIGITFLOW_MODEL_STATE_DIR",
+        "RAY_ADDRESS",
+        "API_KEYS",
+        "API_KEYS_FILE",
+        "RATE_LIMIT",
+        mode="before",
     )
     @classmethod
     def _empty_is_unset(cls, value: Any) -> Any:
@@ -75,6 +98,46 @@ class Settings(ModelSettings):
         if not value.is_file():
             raise ValueError(f"{value} is not a file")
         return value
+
+    @field_validator("API_KEYS")
+    @classmethod
+    def _keys_are_well_formed(cls, value: SecretStr | None) -> SecretStr | None:
+        if value is not None:
+            check_api_keys(split_api_keys(value.get_secret_value()), "API_KEYS")
+        return value
+
+    @field_validator("API_KEYS_FILE")
+    @classmethod
+    def _keys_file_is_readable(cls, value: Path | None) -> Path | None:
+        if value is not None:
+            check_api_keys(read_api_keys_file(value), "API_KEYS_FILE")
+        return value
+
+    @field_validator("CORS_ORIGINS")
+    @classmethod
+    def _origins_are_origins(cls, value: str) -> str:
+        parse_origins(value)
+        return value
+
+    @model_validator(mode="after")
+    def _no_wildcard_with_credentials(self) -> Settings:
+        if self.CORS_ALLOW_CREDENTIALS and "*" in parse_origins(self.CORS_ORIGINS):
+            raise ValueError(
+                "CORS_ORIGINS='*' cannot be combined with CORS_ALLOW_CREDENTIALS=true; "
+                "list the origins instead"
+            )
+        return self
+
+    def api_keys(self) -> tuple[str, ...]:
+        """Every accepted key: `API_KEYS` (comma-separated) plus `API_KEYS_FILE` (one a line)."""
+        keys = split_api_keys(self.API_KEYS.get_secret_value()) if self.API_KEYS else []
+        if self.API_KEYS_FILE is not None:
+            keys += read_api_keys_file(self.API_KEYS_FILE)
+        return tuple(dict.fromkeys(keys))
+
+    def cors_origins(self) -> tuple[str, ...]:
+        """The allowed origins (empty: no CORS headers at all; `*`: any origin)."""
+        return parse_origins(self.CORS_ORIGINS)
 
 
 @lru_cache(maxsize=1)

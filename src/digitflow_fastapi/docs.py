@@ -7,11 +7,14 @@ same assets ship in the `fastapi-offline` wheel, which is used here only as a fi
 from __future__ import annotations
 
 from importlib.resources import files
+from typing import Any
 
 from fastapi import FastAPI
 from fastapi.openapi.docs import get_redoc_html, get_swagger_ui_html
 from fastapi.responses import HTMLResponse
 from fastapi.staticfiles import StaticFiles
+
+from digitflow_fastapi.edge import Edge
 
 ASSETS_PATH = "/docs-assets"
 
@@ -41,3 +44,44 @@ def install_docs(app: FastAPI) -> None:
             redoc_favicon_url=f"{ASSETS_PATH}/favicon.png",
             with_google_fonts=False,
         )
+
+
+SECURITY_SCHEMES: dict[str, dict[str, str]] = {
+    "APIKeyHeader": {"type": "apiKey", "in": "header", "name": "X-API-Key"},
+    "HTTPBearer": {"type": "http", "scheme": "bearer", "description": "the API key as a token"},
+}
+_ERROR_BODY = {"application/json": {"schema": {"$ref": "#/components/schemas/ErrorResponse"}}}
+
+
+def declare_edge_in_schema(app: FastAPI, edge: Edge) -> None:
+    """Document the edge's API keys and rate limit on the protected operations.
+
+    The checks themselves run at the edge (`asgi.LeanFastAPI`) and cost the routes nothing; this
+    only declares them, so `/docs` shows the Authorize button and the 401/403/429 answers.
+    """
+    if not edge.guards:
+        return
+    build_schema = app.openapi
+
+    def openapi() -> dict[str, Any]:
+        schema = build_schema()  # FastAPI's, cached on the app after the first call
+        components = schema.setdefault("components", {})
+        if edge.keys is not None:
+            components.setdefault("securitySchemes", {}).update(SECURITY_SCHEMES)
+        for path, operations in schema.get("paths", {}).items():
+            if path not in edge.protected:
+                continue
+            for operation in operations.values():
+                responses = operation.setdefault("responses", {})
+                if edge.keys is not None:
+                    operation["security"] = [{name: []} for name in SECURITY_SCHEMES]
+                    responses["401"] = {"description": "No API key", "content": _ERROR_BODY}
+                    responses["403"] = {"description": "Unknown API key", "content": _ERROR_BODY}
+                if edge.limiter is not None:
+                    responses["429"] = {
+                        "description": "Over RATE_LIMIT (see Retry-After)",
+                        "content": _ERROR_BODY,
+                    }
+        return schema
+
+    app.openapi = openapi  # type: ignore[method-assign]

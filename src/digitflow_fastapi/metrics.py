@@ -80,10 +80,14 @@ class WorkerMetrics:
         self.batch = Histogram(BATCH_BUCKETS)
         self.queue_wait = Histogram(WAIT_BUCKETS)
         self.classes = [0] * CLASSES
+        self.edge_refused: Counter[str] = Counter()  # by the edge, before any endpoint: 401/403/429
 
     def observe_request(self, status: int, seconds: float) -> None:
         self.requests[str(status)] += 1
         self.latency.observe(seconds)
+
+    def observe_refusal(self, status: int) -> None:
+        self.edge_refused[str(status)] += 1
 
     def observe_batch(self, images: int) -> None:
         self.batch.observe(images)
@@ -106,6 +110,7 @@ class WorkerMetrics:
             "queue_wait": {"counts": self.queue_wait.counts, "sum": self.queue_wait.sum},
             "classes": self.classes,
             "model": self.model.snapshot(),
+            "edge_refused": dict(self.edge_refused),
         }
 
 
@@ -136,6 +141,8 @@ def _add(total: dict[str, Any], part: dict[str, Any]) -> None:
     for status, count in part.get("requests", {}).items():
         total["requests"][status] = total["requests"].get(status, 0) + int(count)
     total["images"] += int(part.get("images", 0))
+    for status, count in part.get("edge_refused", {}).items():
+        total["edge_refused"][status] = total["edge_refused"].get(status, 0) + int(count)
     classes = part.get("classes", [])
     if len(classes) == CLASSES:
         total["classes"] = [a + int(b) for a, b in zip(total["classes"], classes, strict=True)]
@@ -255,5 +262,10 @@ def render(folder: Path | None, own: WorkerMetrics = METRICS) -> str:
             for digit, count in enumerate(total["classes"])
         ),
         *_model_lines(total),
+        "# HELP digitflow_refused_requests_total Requests refused at the edge (401, 403, 429), "
+        "any route, by HTTP status.",
+        "# TYPE digitflow_refused_requests_total counter",
     ]
+    for status, count in sorted(total["edge_refused"].items()):
+        lines.append(f'digitflow_refused_requests_total{{status="{status}"}} {count}')
     return "\n".join(lines) + "\n"

@@ -14,12 +14,14 @@ from digitflow.microbatch import QueueFull, QueueTimeout
 from digitflow_fastapi import metrics
 from digitflow_fastapi.deps import ModelService
 from digitflow_fastapi.errors import RequestError
+from digitflow_fastapi.request_log import note_predictions
 
 
 async def predict_images(
     service: ModelService, images: npt.NDArray[np.float32]
 ) -> list[Prediction]:
     """Predictions for `images` (N×28×28 float32), or a 503/504 `RequestError`."""
+    model_uuid = service.model_uuid  # read with `service.batcher` below: the model that answers
     try:
         predictions = await service.batcher.predict(images)
     except QueueFull as exc:
@@ -30,4 +32,5 @@ async def predict_images(
             504, f"the model did not answer in time: {exc} (REQUEST_TIMEOUT_MS)"
         ) from None
     metrics.METRICS.observe_predictions(predictions)
+    note_predictions((p.label for p in predictions), model_uuid)
     return predictions

@@ -1,0 +1,48 @@
+"""What the ASGI edge does besides routing, built once from the settings.
+
+Request ids and logs (`request_log`), API keys (`access`), the rate limit (`rate_limit`) and
+CORS (`cors`) all run in `asgi.LeanFastAPI.__call__`, ahead of both the lean hot path and
+FastAPI's middleware, so every route and every answer (errors and refusals too) gets them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from digitflow_fastapi.access import KeyChecker, ProtectedPaths
+from digitflow_fastapi.config import Settings
+from digitflow_fastapi.cors import CorsPolicy
+from digitflow_fastapi.edge_settings import parse_rate_limit
+from digitflow_fastapi.rate_limit import RateLimiter
+
+
+@dataclass(frozen=True)
+class Edge:
+    """The edge's policies; all off by default, except the request log."""
+
+    request_log: bool = True
+    keys: KeyChecker | None = None
+    limiter: RateLimiter | None = None
+    cors: CorsPolicy | None = None
+    protected: ProtectedPaths = field(default_factory=lambda: ProtectedPaths("/api/v1"))
+
+    @property
+    def guards(self) -> bool:
+        """Whether protected paths are checked at all (keys or a rate limit configured)."""
+        return self.keys is not None or self.limiter is not None
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> Edge:
+        keys = settings.api_keys()
+        origins = settings.cors_origins()
+        limiter = None
+        if settings.RATE_LIMIT:
+            count, period_s = parse_rate_limit(settings.RATE_LIMIT)
+            limiter = RateLimiter(count, period_s, settings.RATE_LIMIT_MAX_CLIENTS)
+        return cls(
+            request_log=settings.REQUEST_LOG,
+            keys=KeyChecker(keys) if keys else None,
+            limiter=limiter,
+            cors=CorsPolicy(origins, settings.CORS_ALLOW_CREDENTIALS) if origins else None,
+            protected=ProtectedPaths(settings.API_V1_STR),
+        )

@@ -1,0 +1,169 @@
+"""The edge's pure parts: settings parsing, key checks, the token bucket, CORS, request ids."""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import pytest
+
+from digitflow.errors import ConfigError
+from digitflow.logging_setup import JsonFormatter, RequestIdFilter, current_request_id
+from digitflow_fastapi.access import KeyChecker, ProtectedPaths, presented_key
+from digitflow_fastapi.config import Settings, get_settings
+from digitflow_fastapi.cors import CorsPolicy
+from digitflow_fastapi.rate_limit import RateLimiter
+from digitflow_fastapi.request_log import RequestIds, loggable
+
+KEY = "test-key-0123456789abcdef"
+
+
+def settings_error(monkeypatch: pytest.MonkeyPatch, **env: str) -> str:
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    get_settings.cache_clear()
+    try:
+        with pytest.raises(ConfigError) as caught:
+            get_settings()
+    finally:
+        get_settings.cache_clear()
+    return str(caught.value)
+
+
+def test_keys_come_from_the_list_and_the_file_without_blanks_comments_or_repeats(
+    tmp_path: Path,
+) -> None:
+    keys_file = tmp_path / "keys"
+    keys_file.write_text(f"# team A\n{KEY}\n\nfile-key-0123456789abcdef\n")
+    settings = Settings(API_KEYS=f" {KEY} ,other-key-0123456789", API_KEYS_FILE=keys_file)
+    assert settings.api_keys() == (KEY, "other-key-0123456789", "file-key-0123456789abcdef")
+    assert Settings().api_keys() == ()
+
+
+def test_a_short_key_is_refused_in_one_line_that_does_not_repeat_it(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    message = settings_error(monkeypatch, API_KEYS=f"{KEY},short-secret")
+    assert "API_KEYS" in message and "key #2" in message and "\n" not in message
+    assert "short-secret" not in message
+
+
+def test_an_unreadable_keys_file_is_named(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    message = settings_error(monkeypatch, API_KEYS_FILE=str(tmp_path / "missing"))
+    assert "API_KEYS_FILE" in message and "missing" in message
+
+
+def test_a_wildcard_origin_with_credentials_is_refused_at_start_up(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    message = settings_error(monkeypatch, CORS_ORIGINS="*", CORS_ALLOW_CREDENTIALS="true")
+    assert "CORS_ORIGINS" in message and "\n" not in message
+
+
+def test_bad_origins_and_rate_limits_are_refused(monkeypatch: pytest.MonkeyPatch) -> None:
+    assert "not an origin" in settings_error(monkeypatch, CORS_ORIGINS="https://a.example/path")
+    monkeypatch.delenv("CORS_ORIGINS")
+    assert "RATE_LIMIT" in settings_error(monkeypatch, RATE_LIMIT="100/fortnight")
+
+
+def test_a_key_is_read_from_x_api_key_first_then_a_bearer_token() -> None:
+    assert presented_key({b"x-api-key": b" k1 ", b"authorization": b"Bearer k2"}) == b"k1"
+    assert presented_key({b"authorization": b"bearer k2"}) == b"k2"
+    assert presented_key({b"authorization": b"Basic k2"}) is None
+    assert presented_key({}) is None
+
+
+def test_the_key_checker_answers_401_without_a_key_403_with_a_wrong_one() -> None:
+    checker = KeyChecker([KEY, "second-key-0123456789"])
+    missing = checker.refusal(None)
+    assert missing is not None and missing.status_code == 401
+    assert missing.headers["www-authenticate"] == "Bearer"
+    wrong = checker.refusal(b"nope")
+    assert wrong is not None and wrong.status_code == 403
+    assert checker.refusal(b"second-key-0123456789") is None
+
+
+def test_the_model_routes_and_metrics_are_protected_and_probes_and_docs_are_not() -> None:
+    protected = ProtectedPaths("/api/v1")
+    for path in ("/api/v1/model/predict", "/api/v1/model/version", "/v2/models/mnist/infer"):
+        assert path in protected
+    for path in ("/v2", "/invocations", "/metrics"):
+        assert path in protected
+    for path in ("/health", "/ready", "/docs", "/openapi.json", "/v2/health/ready", "/ping", "/"):
+        assert path not in protected
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_a_bucket_allows_its_count_then_refuses_with_retry_after_until_it_refills() -> None:
+    clock = Clock()
+    limiter = RateLimiter(3, 60.0, max_clients=10, clock=clock)
+    assert [limiter.refusal("a") for _ in range(3)] == [None, None, None]
+    refused = limiter.refusal("a")
+    assert refused is not None and refused.status_code == 429
+    assert refused.headers["retry-after"] == "20"  # one token every 20 s
+    assert limiter.refusal("b") is None  # another client has its own bucket
+    clock.now += 20.0
+    assert limiter.refusal("a") is None
+    assert limiter.refusal("a") is not None
+
+
+def test_buckets_stay_bounded_by_evicting_the_least_recently_seen_client() -> None:
+    limiter = RateLimiter(1, 1.0, max_clients=100, clock=Clock())
+    for client in range(10_000):
+        limiter.refusal(client)
+    assert len(limiter) == 100
+
+
+def test_cors_allows_listed_origins_only_and_never_sends_credentials_with_a_wildcard() -> None:
+    policy = CorsPolicy(["https://app.example"], allow_credentials=True)
+    allowed = dict(policy.response_headers(b"https://app.example"))
+    assert allowed[b"access-control-allow-origin"] == b"https://app.example"
+    assert allowed[b"access-control-allow-credentials"] == b"true"
+    assert b"access-control-allow-origin" not in dict(policy.response_headers(b"https://x.example"))
+    refused = policy.preflight(b"https://x.example", {b"access-control-request-method": b"POST"})
+    assert refused.status_code == 400 and "access-control-allow-origin" not in refused.headers
+    anyone = CorsPolicy(["*"], allow_credentials=False)
+    headers = dict(anyone.response_headers(b"https://x.example"))
+    assert headers[b"access-control-allow-origin"] == b"*"
+    assert b"access-control-allow-credentials" not in headers
+    with pytest.raises(ValueError, match="credentials"):
+        CorsPolicy(["*"], allow_credentials=True)
+
+
+def test_a_valid_incoming_request_id_is_kept_and_anything_else_replaced() -> None:
+    ids = RequestIds()
+    assert ids.take(b"abc.DEF_1:2-3") == ("abc.DEF_1:2-3", None)
+    for bad in (b"", b"x" * 129, b"has space", b"new\nline", "é".encode()):
+        made, rejected = ids.take(bad)
+        assert made != bad.decode("latin-1") and rejected is not None
+        assert "\n" not in rejected
+    first, second = ids.new(), ids.new()
+    assert first != second and first.split("-")[0] == second.split("-")[0]
+
+
+def test_client_strings_are_truncated_and_escaped_before_logging() -> None:
+    assert loggable("/api/v1/model/predict") == "/api/v1/model/predict"
+    assert loggable("/a\nb\x1b[31m") == "/a\\nb\\x1b[31m"
+    assert len(loggable("/" + "x" * 5000)) == 200
+
+
+def test_every_line_logged_while_a_request_is_handled_carries_its_id() -> None:
+    record = logging.LogRecord("digitflow.x", logging.INFO, __file__, 1, "inside", (), None)
+    token = current_request_id.set("req-42")
+    try:
+        assert RequestIdFilter().filter(record)
+    finally:
+        current_request_id.reset(token)
+    payload = json.loads(JsonFormatter().format(record))
+    assert payload["request_id"] == "req-42" and payload["message"] == "inside"
+    outside = logging.LogRecord("digitflow.x", logging.INFO, __file__, 1, "outside", (), None)
+    RequestIdFilter().filter(outside)
+    assert "request_id" not in json.loads(JsonFormatter().format(outside))
