@@ -177,6 +177,15 @@ def wait_until(check: Callable[[], bool], timeout: float, what: str, server: Ser
         time.sleep(0.25)
 
 
+def settled_metric(server: ServerProcess, prefix: str, expected: list[str]) -> list[str]:
+    """The metric's lines once they show `expected`, or after 10 s: every worker notices a swap
+    or refusal within 0.25 s and publishes its snapshot every second."""
+    deadline = time.monotonic() + 10
+    while (lines := metric_lines(server, prefix)) != expected and time.monotonic() < deadline:
+        time.sleep(0.25)
+    return lines
+
+
 def probabilities(server: ServerProcess, sample: bytes) -> list[float]:
     answer = httpx.post(server.url + PREDICT, files={"image_file": ("d.png", sample)}, timeout=30)
     assert answer.status_code == 200, answer.text
@@ -263,10 +272,10 @@ def test_sighup_swaps_the_model_under_load_without_a_failed_or_mixed_answer(
     assert None not in origins  # every answer is wholly one model's output
     assert {good, other} <= set(origins)
     assert served_versions(server) == {other}
-    assert metric_lines(server, "digitflow_model_info") == [
-        f'digitflow_model_info{{model_uuid="{other}"}} 2'
-    ]
-    assert metric_lines(server, "digitflow_model_swaps_total") == ["digitflow_model_swaps_total 1"]
+    info = [f'digitflow_model_info{{model_uuid="{other}"}} 2']
+    assert settled_metric(server, "digitflow_model_info", info) == info
+    swaps = ["digitflow_model_swaps_total 1"]
+    assert settled_metric(server, "digitflow_model_swaps_total", swaps) == swaps
     assert f"model swap (hup): {good} -> {other}" in server.log()
 
 
@@ -295,7 +304,9 @@ def test_a_swap_to_a_corrupt_checkpoint_is_refused_and_the_old_model_keeps_servi
     (folder / "model.pt").write_bytes(b"not a checkpoint" * 100)
     os.kill(server.pid, signal.SIGHUP)
     wait_until(lambda: bool(_refusals_in(server.log())), 120, "the refusal", server)
-    refused = metric_lines(server, "digitflow_model_swaps_refused_total")
+    refused = settled_metric(
+        server, "digitflow_model_swaps_refused_total", ["digitflow_model_swaps_refused_total 1"]
+    )
     wait_until(
         lambda: "last_refused_swap" in httpx.get(server.url + "/ready").text, 10, "/ready", server
     )
@@ -340,9 +351,9 @@ def test_a_swap_to_a_model_failing_its_golden_self_test_is_refused_with_one_log_
     ready = httpx.get(server.url + "/ready", timeout=30).json()
     assert len(lines) == 1 and "golden self-test failed" in lines[0]
     assert "1/8 images disagree" in ready["last_refused_swap"]["reason"]
-    assert metric_lines(server, "digitflow_model_swaps_refused_total") == [
-        "digitflow_model_swaps_refused_total 1"
-    ]
+    assert settled_metric(
+        server, "digitflow_model_swaps_refused_total", ["digitflow_model_swaps_refused_total 1"]
+    ) == ["digitflow_model_swaps_refused_total 1"]
     assert which_model(probabilities(server, registry.sample), registry.expected) == (
         registry.good.run_id
     )
@@ -379,9 +390,9 @@ def test_an_alias_moved_to_a_model_failing_its_golden_check_is_refused_once_not_
     assert len(_refusals_in(server.log())) == 1
     assert ready["ready"] is True and ready["model_uuid"] == registry.good.run_id
     assert ready["last_refused_swap"]["model_uuid"] == registry.bad_golden.run_id
-    assert metric_lines(server, "digitflow_model_swaps_refused_total") == [
-        "digitflow_model_swaps_refused_total 1"
-    ]
+    assert settled_metric(
+        server, "digitflow_model_swaps_refused_total", ["digitflow_model_swaps_refused_total 1"]
+    ) == ["digitflow_model_swaps_refused_total 1"]
     assert served_versions(server) == {registry.good.run_id}
 
 
