@@ -57,13 +57,13 @@ def server_specs(checkpoint: Path) -> dict[str, http_load.ServerSpec]:
             paths.PACKAGE_DIR.parent,
             {**model_env, "INFERENCE_BACKEND": "onnx"},
         ),
-        "digitflow-no-request-log": http_load.ServerSpec(
-            "digitflow-no-request-log",
+        "digitflow-request-log": http_load.ServerSpec(
+            "digitflow-request-log",
             "digitflow_fastapi.main:APP",
             2,
             "uvicorn_worker.UvicornWorker",
             paths.PACKAGE_DIR.parent,
-            {**model_env, "INFERENCE_BACKEND": "onnx", "REQUEST_LOG": "false"},
+            {**model_env, "INFERENCE_BACKEND": "onnx", "REQUEST_LOG": "true"},
         ),
         "digitflow-seed-cmd": http_load.ServerSpec(
             "digitflow-seed-cmd",

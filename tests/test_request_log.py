@@ -27,7 +27,8 @@ GENERATED_ID = re.compile(r"[0-9a-f]{12}-[0-9a-f]+")
 def server(
     trained_model: TrainedModel, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[ServerProcess]:
-    yield from serve(tmp_path_factory.mktemp("request-log") / "gunicorn.log", trained_model)
+    folder = tmp_path_factory.mktemp("request-log")
+    yield from serve(folder / "gunicorn.log", trained_model, {"REQUEST_LOG": "true"})
 
 
 @pytest.fixture(scope="module")
@@ -179,10 +180,10 @@ def test_probes_and_scrapes_are_not_logged_at_the_default_level(
         assert lines_of(server, f"probe{path}", wait=False) == []
 
 
-def test_request_log_false_writes_no_request_lines_but_still_echoes_ids(
+def test_by_default_no_request_lines_are_written_but_ids_are_still_echoed(
     trained_model: TrainedModel, tmp_path: Path, digit: tuple[bytes, int]
 ) -> None:
-    for quiet in serve(tmp_path / "g.log", trained_model, {"REQUEST_LOG": "false"}):
+    for quiet in serve(tmp_path / "g.log", trained_model):
         r = httpx.post(
             quiet.url + PREDICT,
             files={"image_file": ("a.png", digit[0])},
