@@ -37,6 +37,7 @@ def server(
         "API_KEYS_FILE": str(keys_file),
         "CORS_ORIGINS": f"{ORIGIN},http://localhost:3000",
         "RATE_LIMIT": f"{LIMIT}/minute",
+        "REQUEST_LOG": "true",  # so that the keys could reach the log if anything leaked them
     }
     yield from serve(folder / "gunicorn.log", trained_model, env)
 
