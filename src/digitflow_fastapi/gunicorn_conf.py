@@ -81,6 +81,23 @@ def _refuse_busy_ports(addresses: list[Any]) -> None:
                 raise
 
 
+MIGRATE_REQ = Path("/proc/sys/net/ipv4/tcp_migrate_req")
+
+
+def _advise_migrate_req(server: Any) -> None:
+    """With one socket per worker, say how to keep a stopping worker's last handshakes."""
+    try:
+        off = reuse_port and MIGRATE_REQ.read_text().strip() == "0"
+    except OSError:
+        return  # not Linux, or an older kernel without the setting
+    if off:
+        server.log.info(
+            "REUSE_PORT: a connection whose handshake completes in the microseconds while a "
+            "worker closes its socket is reset; sysctl net.ipv4.tcp_migrate_req=1 moves it to "
+            "a sibling instead"
+        )
+
+
 def _prepare_metrics_dir(configured: Path | None) -> None:
     global _made_metrics_dir
     folder = configured
@@ -159,6 +176,7 @@ def on_starting(server: Any) -> None:
     from digitflow_fastapi.config import get_settings
 
     _refuse_busy_ports(list(server.cfg.address))
+    _advise_migrate_req(server)
     try:
         settings = get_settings()
     except ConfigError as exc:
