@@ -16,7 +16,12 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.support.gunicorn_server import TrainedModel, start_gunicorn
+from tests.support.gunicorn_server import (
+    TrainedModel,
+    start_gunicorn,
+    wait_for_replacement,
+    worker_pids,
+)
 from tests.support.processes import ServerProcess, stop_process, wait_for_http
 
 pytestmark = pytest.mark.slow  # starts real servers or trains a model
@@ -144,22 +149,6 @@ def refused(outcome: Outcome) -> bool:
     """Nothing listened when its connection was attempted: it reached no server (sent after the
     sockets closed, however early the client thread took its timestamp)."""
     return "Connection refused" in outcome.error
-
-
-def worker_pids(master: int) -> list[int]:
-    children = Path(f"/proc/{master}/task/{master}/children").read_text().split()
-    return [int(pid) for pid in children]
-
-
-def wait_for_replacement(master: int, victim: int, workers: int = 2) -> None:
-    """Until gunicorn has replaced `victim` (two minutes at most)."""
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline:
-        current = worker_pids(master)
-        if victim not in current and len(current) == workers:
-            return
-        time.sleep(0.2)
-    raise AssertionError(f"worker {victim} was not replaced")
 
 
 @pytest.mark.parametrize("keep_alive", [True, False], ids=["keep-alive", "new-connections"])

@@ -22,7 +22,7 @@ from urllib.parse import unquote, urlparse
 import httpx
 import pytest
 
-from tests.support.gunicorn_server import start_gunicorn
+from tests.support.gunicorn_server import start_gunicorn, wait_for_replacement, worker_pids
 from tests.support.processes import (
     ServerProcess,
     free_port,
@@ -140,20 +140,6 @@ def alias_server(
         yield server, move
     finally:
         stop_process(server)
-
-
-def worker_pids(master: int) -> list[int]:
-    """The master's children that are workers (not the model keeper's child processes)."""
-    children = Path(f"/proc/{master}/task/{master}/children").read_text().split()
-    pids = []
-    for pid in children:
-        try:
-            command = Path(f"/proc/{pid}/cmdline").read_bytes()
-        except OSError:
-            continue
-        if b"model_keeper" not in command:
-            pids.append(int(pid))
-    return pids
 
 
 def served_versions(server: ServerProcess, tries: int = 16) -> set[str]:
@@ -323,12 +309,7 @@ def test_a_swap_to_a_corrupt_checkpoint_is_refused_and_the_old_model_keeps_servi
     # The file on disk is corrupt now; a respawned worker serves the verified copy.
     victim = worker_pids(server.pid)[0]
     os.kill(victim, signal.SIGKILL)
-    wait_until(
-        lambda: victim not in (pids := worker_pids(server.pid)) and len(pids) == 2,
-        120,
-        "the respawned worker",
-        server,
-    )
+    wait_for_replacement(server.pid, victim)
     wait_for_http(server, "/ready", timeout=60)
     time.sleep(2.0)  # the respawned worker loads its model
     assert server.alive()
@@ -406,12 +387,7 @@ def test_a_worker_respawned_after_a_swap_serves_the_new_model(
     wait_until(lambda: served_versions(server, 8) == {other}, 120, "the new version", server)
     victim = worker_pids(server.pid)[0]
     os.kill(victim, signal.SIGKILL)
-    wait_until(
-        lambda: victim not in (pids := worker_pids(server.pid)) and len(pids) == 2,
-        120,
-        "the respawned worker",
-        server,
-    )
+    wait_for_replacement(server.pid, victim)
     wait_until(
         lambda: (
             metric_lines(server, "digitflow_model_info")

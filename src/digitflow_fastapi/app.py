@@ -171,7 +171,7 @@ def build_lifespan(settings: Settings | None, classifier: Classifier | None) -> 
             conf.MAX_BATCH_WAIT_MS,
             on_batch=metrics.METRICS.observe_batch,
             max_queued_images=conf.MAX_QUEUED_IMAGES_PER_WORKER,
-            timeout_ms=conf.REQUEST_TIMEOUT_MS or None,
+            timeout_ms=conf.REQUEST_TIMEOUT_MS,
             on_wait=metrics.METRICS.observe_queue_wait,
         )
         await batcher.start()

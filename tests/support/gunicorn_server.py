@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sys
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -77,3 +78,28 @@ def serve(
         yield server
     finally:
         stop_process(server)
+
+
+def worker_pids(master: int) -> list[int]:
+    """The master's children that are workers (not the model keeper's child processes)."""
+    children = Path(f"/proc/{master}/task/{master}/children").read_text().split()
+    pids = []
+    for pid in children:
+        try:
+            command = Path(f"/proc/{pid}/cmdline").read_bytes()
+        except OSError:
+            continue
+        if b"model_keeper" not in command:
+            pids.append(int(pid))
+    return pids
+
+
+def wait_for_replacement(master: int, victim: int, workers: int = 2) -> None:
+    """Until gunicorn has replaced the worker `victim` (two minutes at most)."""
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        current = worker_pids(master)
+        if victim not in current and len(current) == workers:
+            return
+        time.sleep(0.2)
+    raise AssertionError(f"worker {victim} was not replaced")
