@@ -10,11 +10,13 @@ import pytest
 
 from digitflow.errors import ConfigError
 from digitflow.logging_setup import JsonFormatter, RequestIdFilter, current_request_id
-from digitflow_fastapi.access import KeyChecker, ProtectedPaths, presented_key
+from digitflow_fastapi.access import KeyChecker, presented_key
+from digitflow_fastapi.app import create_app
 from digitflow_fastapi.config import Settings, get_settings
 from digitflow_fastapi.cors import CorsPolicy
 from digitflow_fastapi.rate_limit import RateLimiter
 from digitflow_fastapi.request_log import RequestIds, loggable
+from digitflow_fastapi.routing import RoutePolicy, RouteTable
 
 KEY = "test-key-0123456789abcdef"
 
@@ -84,14 +86,45 @@ def test_the_key_checker_answers_401_without_a_key_403_with_a_wrong_one() -> Non
     assert checker.refusal(b"second-key-0123456789") is None
 
 
-def test_the_model_routes_and_metrics_are_protected_and_probes_and_docs_are_not() -> None:
-    protected = ProtectedPaths("/api/v1")
-    for path in ("/api/v1/model/predict", "/api/v1/model/version", "/v2/models/mnist/infer"):
-        assert path in protected
-    for path in ("/v2", "/invocations", "/metrics"):
-        assert path in protected
+def _policy(table: RouteTable, method: str, path: str, root_path: str = "") -> RoutePolicy:
+    scope = {"type": "http", "method": method, "path": root_path + path, "root_path": root_path}
+    return table.policy(scope)
+
+
+@pytest.mark.parametrize("root_path", ["", "/digitflow"])
+def test_only_the_probes_docs_and_page_are_open_and_every_other_route_is_keyed(
+    root_path: str,
+) -> None:
+    table = RouteTable(create_app(Settings()).router.routes)
+    keyed = [
+        ("POST", "/api/v1/model/predict"),
+        ("GET", "/api/v1/model/version"),
+        ("POST", "/v2/models/mnist/infer"),
+        ("POST", "/v2/models/mnist/versions/abc/infer"),
+        ("GET", "/v2/models/mnist"),
+        ("GET", "/v2"),
+        ("POST", "/invocations"),
+        ("GET", "/metrics"),
+        ("GET", "/version"),
+        ("GET", "/no/such/route"),
+        ("POST", "/health"),  # the wrong method reaches no endpoint: keyed too
+    ]
+    for method, path in keyed:
+        assert not _policy(table, method, path, root_path).open, (method, path)
     for path in ("/health", "/ready", "/docs", "/openapi.json", "/v2/health/ready", "/ping", "/"):
-        assert path not in protected
+        assert _policy(table, "GET", path, root_path).open, path
+    assert _policy(table, "GET", "/static/app.js", root_path).open
+
+
+def test_the_model_posts_are_fast_with_their_path_params_and_nothing_else_is() -> None:
+    table = RouteTable(create_app(Settings()).router.routes)
+    versioned = _policy(table, "POST", "/v2/models/mnist/versions/abc/infer")
+    assert versioned.fast is not None
+    assert versioned.path_params == {"name": "mnist", "version": "abc"}
+    for path in ("/api/v1/model/predict", "/invocations", "/v2/models/other/infer"):
+        assert _policy(table, "POST", path).fast is not None, path
+    assert _policy(table, "GET", "/api/v1/model/version").fast is None
+    assert _policy(table, "GET", "/api/v1/model/predict").fast is None
 
 
 class Clock:

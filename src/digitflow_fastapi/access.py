@@ -1,4 +1,4 @@
-"""API keys on the model routes, checked at the ASGI edge in constant time.
+"""API keys on every route but the open ones, checked at the ASGI edge in constant time.
 
 A key comes as `X-API-Key: <key>` or `Authorization: Bearer <key>`. No key: 401 with
 `WWW-Authenticate: Bearer`; a wrong one: 403. Every configured key is compared with
@@ -55,14 +55,3 @@ class KeyChecker:
         if not self.matches(key):
             return OrjsonResponse({"detail": "the API key is not valid"}, status_code=403)
         return None
-
-
-class ProtectedPaths:
-    """Which paths need a key (and count against the rate limit): the model routes and metrics."""
-
-    def __init__(self, api_prefix: str) -> None:
-        self._exact = frozenset({"/invocations", "/metrics", "/v2", "/v2/models"})
-        self._prefixes = (f"{api_prefix}/model/", "/v2/models/")
-
-    def __contains__(self, path: object) -> bool:
-        return isinstance(path, str) and (path in self._exact or path.startswith(self._prefixes))

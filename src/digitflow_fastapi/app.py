@@ -38,15 +38,12 @@ from digitflow_fastapi.docs import declare_edge_in_schema, install_docs
 from digitflow_fastapi.edge import Edge
 from digitflow_fastapi.errors import install_error_handlers
 from digitflow_fastapi.health import router as health_router
-from digitflow_fastapi.mlflow_scoring import INVOCATIONS, invocations_lean
 from digitflow_fastapi.mlflow_scoring import router as mlflow_router
 from digitflow_fastapi.model_swap import ModelFollower, desired_at_boot
 from digitflow_fastapi.page import install_page
 from digitflow_fastapi.readiness import NOT_LOADED, Readiness
 from digitflow_fastapi.responses import OrjsonResponse
-from digitflow_fastapi.v1.routers.model import predict_lean
 from digitflow_fastapi.v1.routers.model import router as model_router
-from digitflow_fastapi.v2.oip import lean_infer_for
 from digitflow_fastapi.v2.oip import router as oip_router
 
 logger = logging.getLogger(__name__)
@@ -197,13 +194,7 @@ def build_lifespan(settings: Settings | None, classifier: Classifier | None) -> 
 def create_app(settings: Settings | None = None, classifier: Classifier | None = None) -> FastAPI:
     """Build the app; nothing is loaded until the lifespan starts."""
     conf = settings or get_settings()
-    predict_path = f"{conf.API_V1_STR}/model/predict"
     app = LeanFastAPI(
-        {
-            predict_path: predict_lean,
-            f"/v2/models/{conf.OIP_MODEL_NAME}/infer": lean_infer_for(conf),
-            INVOCATIONS: invocations_lean,
-        },
         max_body_bytes=conf.MAX_UPLOAD_BYTES,
         max_in_flight=conf.MAX_IN_FLIGHT_PER_WORKER,
         edge=Edge.from_settings(conf),

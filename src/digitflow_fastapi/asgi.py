@@ -1,11 +1,8 @@
-"""ASGI layers in front of FastAPI: the edge (request ids and logs, CORS, API keys, rate limit,
-body-size cap) and the lean path for hot endpoints.
+"""The one request path: the edge (request ids and logs, CORS, API keys, rate limit, body and
+in-flight caps) in front of every route, then the route's fast handler or FastAPI.
 
-`LeanFastAPI` is a FastAPI app whose hot endpoints (the predict routes) are answered straight
-from the ASGI scope, ahead of Starlette's middleware and router: measured under load, those
-layers cost more CPU than decoding the image. Everything else (docs, health, version, the
-documented twin of each hot route in the OpenAPI schema) is plain FastAPI. The edge runs first
-for every HTTP request, whichever of the two answers it (see `edge.Edge`).
+Which checks apply is decided by the route the request reaches (`routing.RouteTable`), so a route
+added later is behind the edge without anyone listing it; only `routing.OPEN_ROUTES` are open.
 """
 
 from __future__ import annotations
@@ -17,7 +14,6 @@ from typing import Any
 
 from fastapi import FastAPI
 from starlette.requests import ClientDisconnect, Request
-from starlette.responses import Response
 
 from digitflow.logging_setup import current_request_id
 from digitflow_fastapi import metrics
@@ -32,6 +28,7 @@ from digitflow_fastapi.request_log import (
     write_request_line,
 )
 from digitflow_fastapi.responses import OrjsonResponse
+from digitflow_fastapi.routing import FastHandler, RouteTable
 
 logger = logging.getLogger(__name__)
 
@@ -40,7 +37,6 @@ Message = MutableMapping[str, Any]
 Receive = Callable[[], Awaitable[Message]]
 Send = Callable[[Message], Awaitable[None]]
 ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
-Endpoint = Callable[[Request], Awaitable[Response]]
 Headers = Mapping[bytes, bytes]
 
 CLIENT_CLOSED_REQUEST = 499
@@ -79,23 +75,36 @@ def overloaded_response(limit: int) -> OrjsonResponse:
 
 
 class LeanFastAPI(FastAPI):
-    """FastAPI with the edge in front and hot POST endpoints served without middleware."""
+    """FastAPI with the edge in front of every route and fast routes served without middleware.
+
+    Every HTTP request passes the same checks, in this order, decided by the route it reaches
+    (`routing.RouteTable`, matched as the router matches): request id and CORS; then, for every
+    route but the open ones, API keys and the rate limit; the declared body size; then, again
+    for every route but the open ones, the in-flight cap. Only then is it answered, by the
+    route's fast handler or by FastAPI.
+    """
 
     def __init__(
         self,
-        hot_posts: Mapping[str, Endpoint],
         max_body_bytes: int,
         max_in_flight: int = 128,
         edge: Edge | None = None,
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
-        self.hot_posts = dict(hot_posts)
         self.max_body_bytes = max_body_bytes
         self.max_in_flight = max_in_flight
         self.in_flight = 0
         self.edge = edge or Edge()
         self.request_ids = RequestIds()
+        self._table = RouteTable(())
+
+    def route_table(self) -> RouteTable:
+        """The table of the app's routes (rebuilt if a route was added since)."""
+        routes = self.router.routes
+        if self._table.size != len(routes):
+            self._table = RouteTable(routes)
+        return self._table
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -139,7 +148,7 @@ class LeanFastAPI(FastAPI):
         return uuid if isinstance(uuid, str) else None
 
     def _refusal(self, scope: Scope, headers: Headers) -> OrjsonResponse | None:
-        """401/403 (API keys) or 429 (rate limit) for a protected path, else None."""
+        """401/403 (API keys) or 429 (rate limit), else None."""
         edge = self.edge
         key = presented_key(headers)
         if edge.keys is not None:
@@ -154,10 +163,9 @@ class LeanFastAPI(FastAPI):
     async def _route(
         self, scope: Scope, receive: Receive, send: Send, headers: Headers, started: float
     ) -> None:
-        path = scope["path"]
-        endpoint = self.hot_posts.get(path) if scope["method"] == "POST" else None
+        policy = self.route_table().policy(scope)
         refusal = None
-        if self.edge.guards and path in self.edge.protected:
+        if not policy.open and self.edge.guards:
             refusal = self._refusal(scope, headers)
             if refusal is not None:
                 metrics.METRICS.observe_refusal(refusal.status_code)
@@ -165,35 +173,35 @@ class LeanFastAPI(FastAPI):
             refusal = _declared_length_problem(headers.get(b"content-length"), self.max_body_bytes)
         if refusal is not None:
             await refusal(scope, receive, send)
-            if endpoint is not None:
+            if policy.fast is not None:  # the request metrics count the model's routes
                 metrics.METRICS.observe_request(refusal.status_code, time.perf_counter() - started)
             return
-        if endpoint is not None:
-            scope["app"] = self
-            await self._answer(endpoint, scope, receive, send, started)
+        if policy.open:
+            await super().__call__(scope, receive, send)
             return
-        await super().__call__(scope, receive, send)
-
-    async def _answer(
-        self, endpoint: Endpoint, scope: Scope, receive: Receive, send: Send, started: float
-    ) -> None:
         if self.in_flight >= self.max_in_flight:
             # Refused before the body is read: waiting would only grow everyone's latency.
             response = overloaded_response(self.max_in_flight)
             await response(scope, receive, send)
-            metrics.METRICS.observe_request(503, time.perf_counter() - started)
+            if policy.fast is not None:
+                metrics.METRICS.observe_request(503, time.perf_counter() - started)
             return
         self.in_flight += 1
         try:
-            await self._run(endpoint, scope, receive, send, started)
+            if policy.fast is not None:
+                scope["app"] = self
+                scope["path_params"] = dict(policy.path_params)
+                await self._answer_fast(policy.fast, scope, receive, send, started)
+            else:
+                await super().__call__(scope, receive, send)
         finally:
             self.in_flight -= 1
 
-    async def _run(
-        self, endpoint: Endpoint, scope: Scope, receive: Receive, send: Send, started: float
+    async def _answer_fast(
+        self, handler: FastHandler, scope: Scope, receive: Receive, send: Send, started: float
     ) -> None:
         try:
-            response = await endpoint(Request(scope, receive))
+            response = await handler(Request(scope, receive))
         except RequestError as exc:
             response = error_response(exc)
         except ClientDisconnect:

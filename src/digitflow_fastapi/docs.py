@@ -15,6 +15,7 @@ from fastapi.responses import HTMLResponse
 from fastapi.staticfiles import StaticFiles
 
 from digitflow_fastapi.edge import Edge
+from digitflow_fastapi.routing import OPEN_ROUTES
 
 ASSETS_PATH = "/docs-assets"
 
@@ -54,7 +55,7 @@ _ERROR_BODY = {"application/json": {"schema": {"$ref": "#/components/schemas/Err
 
 
 def declare_edge_in_schema(app: FastAPI, edge: Edge) -> None:
-    """Document the edge's API keys and rate limit on the protected operations.
+    """Document the edge's API keys and rate limit on every operation but the open ones.
 
     The checks themselves run at the edge (`asgi.LeanFastAPI`) and cost the routes nothing; this
     only declares them, so `/docs` shows the Authorize button and the 401/403/429 answers.
@@ -69,7 +70,7 @@ def declare_edge_in_schema(app: FastAPI, edge: Edge) -> None:
         if edge.keys is not None:
             components.setdefault("securitySchemes", {}).update(SECURITY_SCHEMES)
         for path, operations in schema.get("paths", {}).items():
-            if path not in edge.protected:
+            if path in OPEN_ROUTES:
                 continue
             for operation in operations.values():
                 responses = operation.setdefault("responses", {})

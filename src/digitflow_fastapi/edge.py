@@ -1,15 +1,16 @@
 """What the ASGI edge does besides routing, built once from the settings.
 
 Request ids and logs (`request_log`), API keys (`access`), the rate limit (`rate_limit`) and
-CORS (`cors`) all run in `asgi.LeanFastAPI.__call__`, ahead of both the lean hot path and
-FastAPI's middleware, so every route and every answer (errors and refusals too) gets them.
+CORS (`cors`) all run in `asgi.LeanFastAPI.__call__`, ahead of both the fast handlers and
+FastAPI's middleware, so every answer (errors and refusals too) gets them; keys and the rate
+limit apply to every route but `routing.OPEN_ROUTES`.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
-from digitflow_fastapi.access import KeyChecker, ProtectedPaths
+from digitflow_fastapi.access import KeyChecker
 from digitflow_fastapi.config import Settings
 from digitflow_fastapi.cors import CorsPolicy
 from digitflow_fastapi.edge_settings import parse_rate_limit
@@ -24,11 +25,10 @@ class Edge:
     keys: KeyChecker | None = None
     limiter: RateLimiter | None = None
     cors: CorsPolicy | None = None
-    protected: ProtectedPaths = field(default_factory=lambda: ProtectedPaths("/api/v1"))
 
     @property
     def guards(self) -> bool:
-        """Whether protected paths are checked at all (keys or a rate limit configured)."""
+        """Whether requests are checked at all (keys or a rate limit configured)."""
         return self.keys is not None or self.limiter is not None
 
     @classmethod
@@ -44,5 +44,4 @@ class Edge:
             keys=KeyChecker(keys) if keys else None,
             limiter=limiter,
             cors=CorsPolicy(origins, settings.CORS_ALLOW_CREDENTIALS) if origins else None,
-            protected=ProtectedPaths(settings.API_V1_STR),
         )

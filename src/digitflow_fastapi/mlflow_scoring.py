@@ -35,6 +35,7 @@ from digitflow_fastapi.model_inputs import (
     read_body,
 )
 from digitflow_fastapi.responses import OrjsonResponse
+from digitflow_fastapi.routing import served_fast
 from digitflow_fastapi.schemas import MlflowError, MlflowPredictions
 
 router = APIRouter(tags=["mlflow scoring protocol"])
@@ -116,37 +117,6 @@ async def version() -> Response:
     return PlainTextResponse(package_version("digitflow"))
 
 
-@router.post(
-    INVOCATIONS,
-    summary="MLflow scoring: predict",
-    response_model=MlflowPredictions,
-    responses={
-        200: {
-            "content": {
-                "application/json": {
-                    "example": {
-                        "predictions": [
-                            {
-                                "prediction": 7,
-                                "probabilities": [0, 0, 0.001, 0.002, 0, 0, 0, 0.995, 0, 0.002],
-                            }
-                        ]
-                    }
-                }
-            }
-        },
-        **_ERRORS,
-    },
-    openapi_extra={"requestBody": _REQUEST_BODY},
-)
-async def invocations(request: Request) -> Response:
-    """Predict the digit of each image in any of MLflow's JSON input formats.
-
-    Served by the same code ahead of the router (`invocations_lean`), like the seed's route.
-    """
-    return await invocations_lean(request)
-
-
 async def invocations_lean(request: Request) -> Response:
     """`/invocations` without FastAPI's dependency layer; every client error is a 4xx."""
     try:
@@ -172,6 +142,38 @@ async def invocations_lean(request: Request) -> Response:
             ]
         }
     )
+
+
+@router.post(
+    INVOCATIONS,
+    summary="MLflow scoring: predict",
+    response_model=MlflowPredictions,
+    responses={
+        200: {
+            "content": {
+                "application/json": {
+                    "example": {
+                        "predictions": [
+                            {
+                                "prediction": 7,
+                                "probabilities": [0, 0, 0.001, 0.002, 0, 0, 0, 0.995, 0, 0.002],
+                            }
+                        ]
+                    }
+                }
+            }
+        },
+        **_ERRORS,
+    },
+    openapi_extra={"requestBody": _REQUEST_BODY},
+)
+@served_fast(invocations_lean)
+async def invocations(request: Request) -> Response:
+    """Predict the digit of each image in any of MLflow's JSON input formats.
+
+    The edge answers it with `invocations_lean` (`routing.served_fast`), like the seed's route.
+    """
+    return await invocations_lean(request)
 
 
 async def _batch(document: Any, max_images: int, decoder: ImageDecoder) -> FloatBatch:

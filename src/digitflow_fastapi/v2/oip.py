@@ -18,7 +18,6 @@ import orjson
 from fastapi import APIRouter, Request
 from starlette.responses import Response
 
-from digitflow_fastapi.config import Settings
 from digitflow_fastapi.deps import get_app_settings, get_service
 from digitflow_fastapi.errors import RequestError
 from digitflow_fastapi.model_inputs import (
@@ -26,6 +25,7 @@ from digitflow_fastapi.model_inputs import (
     read_body,
 )
 from digitflow_fastapi.responses import OrjsonResponse
+from digitflow_fastapi.routing import served_fast
 from digitflow_fastapi.schemas import (
     OipError,
     OipInferResponse,
@@ -170,6 +170,12 @@ async def model_version_ready(request: Request, name: str, version: str) -> Orjs
     return await _ready(request, name, version)
 
 
+async def infer_fast(request: Request) -> Response:
+    """Both infer routes as the edge answers them (`routing.served_fast`), path params read here."""
+    params = request.path_params
+    return await answer_infer(request, params["name"], params.get("version"))
+
+
 @router.post(
     "/models/{name}/infer",
     summary="Infer (JSON or binary tensors)",
@@ -178,12 +184,9 @@ async def model_version_ready(request: Request, name: str, version: str) -> Orjs
     responses={200: docs.INFER_RESPONSE_EXAMPLE, **_ERRORS},
     openapi_extra={"requestBody": docs.INFER_REQUEST_BODY},
 )
+@served_fast(infer_fast)
 async def infer(request: Request, name: str) -> Response:
-    """Predict a batch: one input, `pixels` or `images`; outputs `class` and `probabilities`.
-
-    The path with the configured model name is served by `infer_lean` ahead of the router
-    (like the seed's predict route); this route answers the other names (404) and documents it.
-    """
+    """Predict a batch: one input, `pixels` or `images`; outputs `class` and `probabilities`."""
     return await answer_infer(request, name, None)
 
 
@@ -195,19 +198,10 @@ async def infer(request: Request, name: str) -> Response:
     responses=_ERRORS,
     openapi_extra={"requestBody": docs.INFER_REQUEST_BODY},
 )
+@served_fast(infer_fast)
 async def infer_version(request: Request, name: str, version: str) -> Response:
     """The same as `/v2/models/{name}/infer` for the served run uuid."""
     return await answer_infer(request, name, version)
-
-
-def lean_infer_for(settings: Settings) -> Any:
-    """The hot-path endpoint for `/v2/models/<OIP_MODEL_NAME>/infer`."""
-    name = settings.OIP_MODEL_NAME
-
-    async def infer_lean(request: Request) -> Response:
-        return await answer_infer(request, name, None)
-
-    return infer_lean
 
 
 async def answer_infer(request: Request, name: str, version: str | None) -> Response:
