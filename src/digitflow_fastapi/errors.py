@@ -2,11 +2,17 @@
 
 from __future__ import annotations
 
+import logging
+
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
+from starlette.requests import ClientDisconnect
+from starlette.responses import Response
 
 from digitflow.errors import ImageTooLarge, InvalidImage, UnsupportedImageFormat
 from digitflow_fastapi.responses import OrjsonResponse
+
+logger = logging.getLogger(__name__)
 
 
 class RequestError(Exception):
@@ -50,5 +56,11 @@ def install_error_handlers(app: FastAPI) -> None:
         ]
         return OrjsonResponse({"detail": "; ".join(parts)}, status_code=422)
 
+    async def on_client_gone(request: Request, exc: Exception) -> Response:
+        # Gone mid-upload: nobody reads the answer; one line, not a traceback (nginx's 499).
+        logger.info("client disconnected before the request was read")
+        return Response(status_code=499)
+
     app.add_exception_handler(RequestError, on_request_error)
     app.add_exception_handler(RequestValidationError, on_validation_error)
+    app.add_exception_handler(ClientDisconnect, on_client_gone)

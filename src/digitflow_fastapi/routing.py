@@ -138,5 +138,7 @@ def selected_route(
                 return None
             effective = getattr(context, "starlette_route", None) or context
             path = getattr(effective, "path", "") or getattr(route, "path", "")
+        if route is None:
+            return None
         return route, path, dict(child_scope.get("path_params", {}))
     return None
