@@ -73,3 +73,28 @@ def test_the_body_cap_covers_every_route() -> None:
 
 def test_other_methods_on_the_predict_path_go_to_fastapi() -> None:
     assert with_client(lambda c: c.get(PREDICT)).status_code == 405
+
+
+def test_under_a_route_prefix_as_ray_serve_passes_it_the_model_routes_still_need_a_key() -> None:
+    # Ray Serve's proxy hands a replica scope["root_path"] = route_prefix and the full path.
+    app = create_app(Settings(API_KEYS="ray-prefix-key-0123456789"), classifier=_Broken(Net()))
+
+    async def run() -> dict[str, int]:
+        async with app.router.lifespan_context(app):
+            transport = httpx.ASGITransport(app=app, root_path="/digitflow")
+            async with httpx.AsyncClient(transport=transport, base_url="http://t") as client:
+                return {
+                    path: (await client.request(method, "/digitflow" + path)).status_code
+                    for method, path in [
+                        ("GET", "/api/v1/model/version"),
+                        ("GET", "/metrics"),
+                        ("GET", "/v2/models/mnist"),
+                        ("POST", PREDICT),
+                        ("POST", "/invocations"),
+                        ("GET", "/health"),
+                    ]
+                }
+
+    statuses = asyncio.run(run())
+    assert statuses.pop("/health") == 200
+    assert set(statuses.values()) == {401}, statuses
