@@ -26,6 +26,7 @@ CHROMIUM_ARGS = [
     "--no-first-run",
 ]
 PREDICT = "/api/v1/model/predict"
+READY = "html[data-ready='true']"  # app.js sets it once every handler is wired
 
 pytestmark = pytest.mark.slow  # starts a real server and trains a model
 MAX_PIXELS = 1_000_000
@@ -64,7 +65,7 @@ def page(browser: Browser, server: ServerProcess) -> Iterator[Page]:
             outside.append(r.url) if not r.url.startswith((server.url, "data:", "blob:")) else None
         ),
     )
-    page.goto(server.url + "/")
+    open_page(page, server.url + "/")
     try:
         yield page
     finally:
@@ -76,6 +77,12 @@ def page(browser: Browser, server: ServerProcess) -> Iterator[Page]:
 def test_pngs(data_dir: Path) -> list[tuple[Path, int]]:
     with (data_dir / "test.csv").open() as f:
         return [(data_dir / r["filepath"], int(r["label"])) for r in csv.DictReader(f)]
+
+
+def open_page(page: Page, url: str) -> None:
+    """Load the page and wait until app.js says its handlers are wired (not a network lull)."""
+    page.goto(url)
+    page.wait_for_selector(READY, state="attached", timeout=30_000)
 
 
 def draw_one(page: Page) -> None:
@@ -199,11 +206,17 @@ def test_the_page_fits_a_phone_screen_and_the_file_picker_opens_from_the_keyboar
     )
     try:
         page = context.new_page()
-        page.goto(server.url + "/")
+        # Listen before the page loads. Playwright turns Chromium's file-chooser interception on
+        # only when the first listener appears, with a message it does not wait for; subscribing
+        # inside `expect_file_chooser` right before the key press let the press overtake it (the
+        # key reached the page, which opened the picker, before interception was on: no event).
+        # Subscribed here, interception is on before the page's later protocol round trips
+        # (readiness, focus) return, so it is on when Enter is pressed.
+        page.on("filechooser", lambda _: None)
+        open_page(page, server.url + "/")
         page.screenshot(path=tmp_path / "phone.png", full_page=True)
         overflow = page.evaluate("document.documentElement.scrollWidth - window.innerWidth")
         assert overflow <= 0
-        page.wait_for_load_state("networkidle")  # app.js has wired its handlers
         page.locator("#drop").focus()
         with page.expect_file_chooser(timeout=30_000) as chooser:
             page.keyboard.press("Enter")
