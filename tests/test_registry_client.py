@@ -29,7 +29,7 @@ class _Server:
         self.seen = seen
 
         class Handler(BaseHTTPRequestHandler):
-            def do_GET(self) -> None:  # noqa: N802 (the stdlib's name)
+            def do_GET(self) -> None:
                 seen.append((self.path, self.headers.get("Authorization")))
                 answer(self)
 
