@@ -517,3 +517,41 @@ def test_the_model_keeper_imports_nothing_from_the_master_s_working_folder(
         stop_process(server)
     assert not marker.exists(), "the keeper imported argparse.py from the working folder"
     assert "model swap (hup)" in server.log()
+
+
+KEY = "ops-test-key-0123456789"
+
+
+def test_with_api_keys_the_open_ready_probe_shows_no_paths_nor_refusals(
+    registry: Registry, tmp_path: Path
+) -> None:
+    folder = tmp_path / "serving"
+    folder.mkdir()
+    shutil.copy(registry.good.model_path, folder / "model.pt")
+    shutil.copy(registry.good.model_path.parent / "golden.json", folder / "golden.json")
+    env = {"PRED_MODEL_PATH": str(folder / "model.pt"), "PRED_MODEL_UUID": "a", "API_KEYS": KEY}
+    server = _serve(tmp_path, env)
+    key = {"X-API-Key": KEY}
+    try:
+        (folder / "model.pt").write_bytes(b"not a checkpoint" * 100)
+        os.kill(server.pid, signal.SIGHUP)
+        wait_until(lambda: bool(_refusals_in(server.log())), 120, "the refusal", server)
+        wait_until(
+            lambda: "last_refused_swap" in httpx.get(server.url + "/ready", headers=key).text,
+            10,
+            "/ready",
+            server,
+        )
+        # Both workers, on fresh connections (SO_REUSEPORT spreads them).
+        open_answers = [httpx.get(server.url + "/ready", timeout=30) for _ in range(8)]
+        wrong_key = httpx.get(server.url + "/ready", headers={"X-API-Key": "n" * 20}, timeout=30)
+        detailed = httpx.get(server.url + "/ready", headers=key, timeout=30)
+    finally:
+        stop_process(server)
+    for answer in [*open_answers, wrong_key]:
+        assert answer.status_code == 200
+        assert answer.json() == {"ready": True, "model_uuid": "a"}
+    assert detailed.json()["refused_swaps"] == 1
+    assert detailed.json()["golden_checked"] == 8
+    assert "checkpoint" in detailed.json()["last_refused_swap"]["reason"]
+    assert "golden_file" not in detailed.json()  # the state folder's path, never shown
