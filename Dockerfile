@@ -22,10 +22,10 @@ RUN groupadd --gid 10001 app \
 COPY --from=deps /opt/venv /opt/venv
 COPY --from=app /opt/app /opt/app
 COPY deploy/docker/entrypoint.sh /usr/local/bin/digitflow-entrypoint
-COPY deploy/docker/logging.yaml /etc/digitflow/logging.yaml
 # Everything written at run time goes under /tmp, so the root filesystem can be read-only
 # (Kubernetes mounts an emptyDir there): the ONNX export cache ($XDG_CACHE_HOME/digitflow), ONNX
-# Runtime's and MLflow's own files. Pulled runs go to PRED_MODELS_DIR.
+# Runtime's and MLflow's own files. Pulled runs go to PRED_MODELS_DIR. Logging: the package's
+# conf/logging.yaml (LOGGER_CONFIG_PATH unset), the same file as outside the image.
 ENV PATH="/opt/app/bin:/opt/venv/bin:${PATH}" \
     PYTHONPATH=/opt/app \
     PYTHONDONTWRITEBYTECODE=1 \
@@ -36,7 +36,6 @@ ENV PATH="/opt/app/bin:/opt/venv/bin:${PATH}" \
     MLFLOW_DISABLE_TELEMETRY=true \
     DO_NOT_TRACK=1 \
     PORT=8080 \
-    LOGGER_CONFIG_PATH=/etc/digitflow/logging.yaml \
     PRED_MODELS_DIR=/home/app/models
 WORKDIR /home/app
 USER 10001:10001

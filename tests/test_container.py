@@ -166,13 +166,13 @@ def test_the_container_runs_as_a_non_root_user(served: tuple[Container, str]) ->
     assert run(["docker", "exec", box.id, "id", "-u"]).strip() == str(APP_UID)
 
 
-def test_the_container_logs_json_lines_to_stdout(served: tuple[Container, str]) -> None:
+def test_the_container_logs_json_lines_to_stderr(served: tuple[Container, str]) -> None:
     box, _ = served
-    stdout = subprocess.run(
+    stderr = subprocess.run(
         ["docker", "logs", box.id], capture_output=True, text=True, check=True
-    ).stdout
-    json_lines = [line for line in stdout.splitlines() if line.startswith("{")]
-    assert json_lines, stdout
+    ).stderr
+    json_lines = [line for line in stderr.splitlines() if line.startswith("{")]
+    assert json_lines, stderr
     assert all(json.loads(line) for line in json_lines)
 
 

@@ -5,7 +5,10 @@ from __future__ import annotations
 import re
 import subprocess
 import sys
+import tomllib
 from pathlib import Path
+
+import yaml
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DOCKERFILE = REPO_ROOT / "Dockerfile"
@@ -61,3 +64,35 @@ def test_the_entrypoint_refuses_to_serve_without_a_model() -> None:
     assert result.returncode == 64
     assert result.stdout == ""
     assert result.stderr.count("\n") == 1 and "no model configured" in result.stderr
+
+
+def _image_logging_config() -> Path:
+    """The file LOGGER_CONFIG_PATH names in the image (copied in), or the packaged default."""
+    final_stage = DOCKERFILE.read_text().replace("\\\n", " ").split("\nFROM ")[-1]
+    setting = re.search(r"\bLOGGER_CONFIG_PATH=(\S+)", final_stage)
+    if setting is None:
+        from digitflow import paths
+
+        shipped = tomllib.loads((REPO_ROOT / "pyproject.toml").read_text())
+        package_data = shipped["tool"]["setuptools"]["package-data"]["digitflow"]
+        assert "conf/*.yaml" in package_data  # the wheel the image installs carries it
+        return paths.DEFAULT_LOGGING_CONFIG
+    copies = dict(
+        (target, source)
+        for source, target in re.findall(r"^COPY (?!--from)(\S+) (\S+)$", final_stage, re.M)
+    )
+    assert setting.group(1) in copies, "LOGGER_CONFIG_PATH names a file the image does not copy"
+    return REPO_ROOT / copies[setting.group(1)]
+
+
+def test_the_image_logs_with_the_request_id_filter_on_every_handler() -> None:
+    config = yaml.safe_load(_image_logging_config().read_text())
+    request_id_filters = {
+        name
+        for name, spec in config.get("filters", {}).items()
+        if spec.get("()") == "digitflow.logging_setup.RequestIdFilter"
+    }
+    handlers = config["handlers"]
+    assert handlers and request_id_filters
+    for name, handler in handlers.items():
+        assert request_id_filters & set(handler.get("filters", [])), name

@@ -10,6 +10,7 @@ import subprocess
 import sys
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import httpx
 import pytest
@@ -194,3 +195,30 @@ def test_service_pdb_and_hpa_target_the_deployments_pods() -> None:
     assert one("PodDisruptionBudget")["spec"]["selector"]["matchLabels"].items() <= labels.items()
     target = one("HorizontalPodAutoscaler")["spec"]["scaleTargetRef"]
     assert (target["kind"], target["name"]) == ("Deployment", deployment["metadata"]["name"])
+
+
+def _url_port(url: str) -> int:
+    parsed = urlsplit(url)
+    return parsed.port or {"http": 80, "https": 443}[parsed.scheme]
+
+
+def test_the_network_policy_admits_only_the_serving_port_and_the_pull_s_traffic() -> None:
+    policy = one("NetworkPolicy")["spec"]
+    labels = one("Deployment")["spec"]["template"]["metadata"]["labels"]
+    assert policy["podSelector"]["matchLabels"].items() <= labels.items()
+    assert sorted(policy["policyTypes"]) == ["Egress", "Ingress"]
+    # Ingress: one rule, the serving port only (named as the container names it).
+    [ingress] = policy["ingress"]
+    container_ports = {p["name"]: p["containerPort"] for p in api_container()["ports"]}
+    assert [(p["port"], p["protocol"]) for p in ingress["ports"]] == [("http", "TCP")]
+    assert container_ports["http"] == int(env_of(api_container())["PORT"])
+    # Egress: DNS to kube-dns only, and the ports of the tracking server and storage.
+    dns = [rule for rule in policy["egress"] if {p["port"] for p in rule["ports"]} == {53}]
+    assert len(dns) == 1 and dns[0]["to"][0]["podSelector"]["matchLabels"]["k8s-app"] == "kube-dns"
+    other_ports = {p["port"] for rule in policy["egress"] if rule not in dns for p in rule["ports"]}
+    config = one("ConfigMap")["data"]
+    needed = {_url_port(config["MLFLOW_TRACKING_URI"])}
+    if config.get("MLFLOW_S3_ENDPOINT_URL"):
+        needed.add(_url_port(config["MLFLOW_S3_ENDPOINT_URL"]))
+    assert needed <= other_ports
+    assert all(rule.get("ports") for rule in policy["egress"]), "no rule may open every port"

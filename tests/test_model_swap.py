@@ -22,7 +22,13 @@ from urllib.parse import unquote, urlparse
 import httpx
 import pytest
 
-from tests.support.gunicorn_server import start_gunicorn, wait_for_replacement, worker_pids
+from tests.support.gunicorn_server import (
+    GUNICORN,
+    SRC_DIR,
+    start_gunicorn,
+    wait_for_replacement,
+    worker_pids,
+)
 from tests.support.processes import (
     ServerProcess,
     free_port,
@@ -459,3 +465,93 @@ def test_a_registry_that_stops_answering_never_affects_serving(
     assert len(answers) == 10
     assert ready.status_code == 200 and ready.json()["model_uuid"] == run.run_id
     assert warnings == 1  # once per outage, not once per poll
+
+
+def test_the_model_keeper_imports_nothing_from_the_master_s_working_folder(
+    registry: Registry, tmp_path: Path
+) -> None:
+    # The seed's gunicorn command with the package's config, from a folder where someone
+    # planted argparse.py (gunicorn imported the real one before it put that folder on sys.path).
+    workdir = tmp_path / "workdir"
+    workdir.mkdir()
+    marker = tmp_path / "planted-module-ran"
+    (workdir / "argparse.py").write_text(f"open({str(marker)!r}, 'w').close()\n")
+    folder = tmp_path / "serving"
+    folder.mkdir()
+    shutil.copy(registry.good.model_path, folder / "model.pt")
+    shutil.copy(registry.good.model_path.parent / "golden.json", folder / "golden.json")
+    port = free_port()
+    command = [
+        GUNICORN,
+        "digitflow_fastapi.main:APP",
+        "-c",
+        "python:digitflow_fastapi.gunicorn_conf",
+        "-b",
+        f"127.0.0.1:{port}",
+        "-w",
+        "1",
+        "-k",
+        "uvicorn.workers.UvicornWorker",
+    ]
+    env = {
+        "PRED_MODEL_PATH": str(folder / "model.pt"),
+        "PRED_MODEL_UUID": "a",
+        "PYTHONPATH": os.pathsep.join([str(SRC_DIR), str(SRC_DIR.parent)]),
+    }
+    server = start_process(command, tmp_path / "g.log", f"http://127.0.0.1:{port}", env, workdir)
+    try:
+        wait_for_http(server, "/ready", timeout=180)
+        shutil.copy(registry.other.model_path, folder / "model.pt")
+        shutil.copy(registry.other.model_path.parent / "golden.json", folder / "golden.json")
+        os.kill(server.pid, signal.SIGHUP)
+        wait_until(
+            lambda: (
+                which_model(probabilities(server, registry.sample), registry.expected)
+                == registry.other.run_id
+            ),
+            120,
+            "the swapped model",
+            server,
+        )
+    finally:
+        stop_process(server)
+    assert not marker.exists(), "the keeper imported argparse.py from the working folder"
+    assert "model swap (hup)" in server.log()
+
+
+KEY = "ops-test-key-0123456789"
+
+
+def test_with_api_keys_the_open_ready_probe_shows_no_paths_nor_refusals(
+    registry: Registry, tmp_path: Path
+) -> None:
+    folder = tmp_path / "serving"
+    folder.mkdir()
+    shutil.copy(registry.good.model_path, folder / "model.pt")
+    shutil.copy(registry.good.model_path.parent / "golden.json", folder / "golden.json")
+    env = {"PRED_MODEL_PATH": str(folder / "model.pt"), "PRED_MODEL_UUID": "a", "API_KEYS": KEY}
+    server = _serve(tmp_path, env)
+    key = {"X-API-Key": KEY}
+    try:
+        (folder / "model.pt").write_bytes(b"not a checkpoint" * 100)
+        os.kill(server.pid, signal.SIGHUP)
+        wait_until(lambda: bool(_refusals_in(server.log())), 120, "the refusal", server)
+        wait_until(
+            lambda: "last_refused_swap" in httpx.get(server.url + "/ready", headers=key).text,
+            10,
+            "/ready",
+            server,
+        )
+        # Both workers, on fresh connections (SO_REUSEPORT spreads them).
+        open_answers = [httpx.get(server.url + "/ready", timeout=30) for _ in range(8)]
+        wrong_key = httpx.get(server.url + "/ready", headers={"X-API-Key": "n" * 20}, timeout=30)
+        detailed = httpx.get(server.url + "/ready", headers=key, timeout=30)
+    finally:
+        stop_process(server)
+    for answer in [*open_answers, wrong_key]:
+        assert answer.status_code == 200
+        assert answer.json() == {"ready": True, "model_uuid": "a"}
+    assert detailed.json()["refused_swaps"] == 1
+    assert detailed.json()["golden_checked"] == 8
+    assert "checkpoint" in detailed.json()["last_refused_swap"]["reason"]
+    assert "golden_file" not in detailed.json()  # the state folder's path, never shown

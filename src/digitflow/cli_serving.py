@@ -35,10 +35,12 @@ def default_workers() -> int:
 def gunicorn_argv(host: str, port: int, workers: int) -> list[str]:
     """The gunicorn command `digitflow serve` runs: the package's config, uvicorn workers.
 
-    Run as `python -m gunicorn` with this interpreter, so no script needs to be on PATH.
+    Run as `python -P -m gunicorn` with this interpreter, so no script needs to be on PATH and
+    the working folder is not searched first for the modules gunicorn imports at start.
     """
     return [
         sys.executable,
+        "-P",
         "-m",
         "gunicorn",
         APP_IMPORT_STRING,

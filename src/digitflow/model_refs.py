@@ -68,7 +68,10 @@ def resolve_run_id(reference: str, store: StoreConfig, tracking: Tracking | None
         from digitflow.tracking import Tracking
 
         tracking = tracking or Tracking(store)
-        return tracking.registered_run_id(parsed.value, parsed.version, parsed.alias)
+        run_id = tracking.registered_run_id(parsed.value, parsed.version, parsed.alias)
+        if not is_run_id(run_id):  # becomes a folder name under models/: never a path
+            raise RunNotFound(f"{reference!r}: the registry named a run id that is not a run UUID")
+        return run_id
     raise RunNotFound(
         f"{reference!r} is not a run UUID, runs:/<uuid>/model or models:/<name>/<version|@alias>"
     )

@@ -12,6 +12,7 @@ import base64
 import contextlib
 import logging
 import urllib.error
+import urllib.parse
 import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -65,6 +66,36 @@ def embedded_target(mlruns_dir: Path) -> TrackingTarget:
     )
 
 
+def _origin(url: str) -> tuple[str, str, int | None]:
+    parts = urllib.parse.urlsplit(url)
+    default = {"http": 80, "https": 443}.get(parts.scheme.lower())
+    return parts.scheme.lower(), (parts.hostname or "").lower(), parts.port or default
+
+
+class _SameOriginCredentials(urllib.request.HTTPRedirectHandler):
+    """Follow redirects, but carry the Basic credentials only to the origin they were meant for.
+
+    The credentials are an unredirected header (urllib drops those on every redirect); they are
+    put back only when the redirect stays on the same scheme, host and port, so a server (or
+    anyone able to answer in its place) cannot send them on to another host.
+    """
+
+    def redirect_request(
+        self,
+        req: urllib.request.Request,
+        fp: Any,
+        code: int,
+        msg: str,
+        headers: Any,
+        newurl: str,
+    ) -> urllib.request.Request | None:
+        follow = super().redirect_request(req, fp, code, msg, headers, newurl)
+        credentials = req.unredirected_hdrs.get("Authorization")
+        if follow is not None and credentials and _origin(newurl) == _origin(req.full_url):
+            follow.add_unredirected_header("Authorization", credentials)
+        return follow
+
+
 def probe_server(
     uri: str, username: str | None, password: str | None, timeout: float = 5.0
 ) -> None:
@@ -72,9 +103,10 @@ def probe_server(
     request = urllib.request.Request(uri.rstrip("/") + PROBE_PATH)
     if username:
         token = base64.b64encode(f"{username}:{password or ''}".encode()).decode()
-        request.add_header("Authorization", f"Basic {token}")
+        request.add_unredirected_header("Authorization", f"Basic {token}")
+    opener = urllib.request.build_opener(_SameOriginCredentials)
     try:
-        with urllib.request.urlopen(request, timeout=timeout) as response:
+        with opener.open(request, timeout=timeout) as response:
             response.read(1)
     except urllib.error.HTTPError as exc:
         if exc.code in (401, 403):
@@ -252,6 +284,11 @@ class Tracking:
             run_id = match.group(1) if match else None
         if not run_id:
             raise ArtifactNotFound(f"{label} is not linked to a run ({found.source})")
+        if not is_run_id(str(run_id)):  # it names a folder under models/: check before any path
+            raise RunNotFound(
+                f"{label}: the registry names run {str(run_id)[:80]!r}, not a run UUID "
+                "(32 lowercase hex digits)"
+            )
         return str(run_id)
 
 

@@ -7,6 +7,7 @@ fails at start-up with one line naming the variable (`get_settings` raises `Conf
 
 from __future__ import annotations
 
+import ipaddress
 from functools import lru_cache
 from pathlib import Path
 from typing import Any
@@ -78,6 +79,11 @@ class Settings(ModelSettings):
     CORS_ALLOW_CREDENTIALS: bool = False
     RATE_LIMIT: str | None = Field(default=None, pattern=RATE_LIMIT_PATTERN)
     RATE_LIMIT_MAX_CLIENTS: PositiveInt = 10_000
+    # Proxies whose X-Forwarded-For / X-Forwarded-Proto are believed (comma-separated addresses
+    # or networks, `*` for any). The same variable gunicorn and uvicorn read, but empty by
+    # default (theirs: 127.0.0.1): a sidecar passing the header on would let clients pick the
+    # address the rate limit counts. Applied by `gunicorn_conf`.
+    FORWARDED_ALLOW_IPS: str = ""
 
     @field_validator(
         "DIGITFLOW_METRICS_DIR",
@@ -111,6 +117,14 @@ class Settings(ModelSettings):
     def _keys_file_is_readable(cls, value: Path | None) -> Path | None:
         if value is not None:
             check_api_keys(read_api_keys_file(value), "API_KEYS_FILE")
+        return value
+
+    @field_validator("FORWARDED_ALLOW_IPS")
+    @classmethod
+    def _proxies_are_addresses(cls, value: str) -> str:
+        for entry in (item.strip() for item in value.split(",")):
+            if entry and entry != "*":
+                ipaddress.ip_network(entry)  # ValueError names the bad entry
         return value
 
     @field_validator("CORS_ORIGINS")

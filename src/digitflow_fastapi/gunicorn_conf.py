@@ -4,6 +4,8 @@ through the thin `src/gunicorn.conf.py`, by the seed's command run from `src/`.
 - The master decides which model to serve once, before forking (`resolve_served_model`), and
   pins every worker, respawned ones included, to that file and run UUID through the environment
   they inherit: a registry alias that moves later cannot make two workers serve two models.
+- Forwarded headers (X-Forwarded-For/-Proto) are believed only from `FORWARDED_ALLOW_IPS`
+  (empty by default; gunicorn's own default would trust 127.0.0.1).
 - Every uvicorn worker gets `connection_guard` (header and body deadlines, header and connection
   caps), whichever worker class the command line names.
 - Tells workers how many siblings they have, so each sizes its thread pool to cores // workers.
@@ -41,7 +43,14 @@ if TYPE_CHECKING:
     from digitflow.model_refs import ServedModel
     from digitflow_fastapi.config import Settings
 
-__all__ = ["control_socket_disable", "on_exit", "on_starting", "post_worker_init", "reuse_port"]
+__all__ = [
+    "control_socket_disable",
+    "forwarded_allow_ips",
+    "on_exit",
+    "on_starting",
+    "post_worker_init",
+    "reuse_port",
+]
 
 
 def _reuse_port() -> bool:
@@ -55,6 +64,22 @@ def _reuse_port() -> bool:
 
 
 reuse_port = _reuse_port()
+
+
+def _forwarded_allow_ips() -> str:
+    from digitflow.errors import ConfigError
+    from digitflow_fastapi.config import get_settings
+
+    try:
+        return get_settings().FORWARDED_ALLOW_IPS  # gunicorn wants the comma-separated string
+    except ConfigError:
+        return ""  # on_starting reports the bad setting in one line
+
+
+# Whose X-Forwarded-For the uvicorn workers believe: only FORWARDED_ALLOW_IPS (empty by default),
+# not gunicorn's default of 127.0.0.1, so a local sidecar passing the header on cannot let a
+# client choose its rate-limit bucket. `--forwarded-allow-ips` on the command line still wins.
+forwarded_allow_ips = _forwarded_allow_ips()
 # gunicorn >= 25 opens a control socket at one path per user ($XDG_RUNTIME_DIR or ~/.gunicorn):
 # two servers of one user would share it, and the second's exit deletes the first's. Signals
 # (TERM, HUP, TTIN/TTOU) do the same job per master.

@@ -5,6 +5,7 @@ from __future__ import annotations
 from fastapi import APIRouter, Request, Response
 
 from digitflow_fastapi import metrics
+from digitflow_fastapi.access import KeyChecker, presented_key
 from digitflow_fastapi.readiness import Readiness
 from digitflow_fastapi.responses import OrjsonResponse
 from digitflow_fastapi.schemas import HealthStatus, ReadyStatus
@@ -26,15 +27,29 @@ async def health() -> OrjsonResponse:
 
 @router.get(
     "/ready",
-    summary="Model loaded, warmed up and self-tested",
+    summary="Model loaded, warmed up and self-tested (details with a key, when keys are set)",
     response_model=ReadyStatus,
     response_model_exclude_none=True,
     responses={503: {"model": ReadyStatus, "description": "Not ready yet or self-test failed"}},
 )
 async def ready(request: Request) -> OrjsonResponse:
-    """200 once the model is loaded, warmed up and reproduced its golden answers; else 503."""
+    """200 once the model is loaded, warmed up and reproduced its golden answers; else 503.
+
+    Open to probes. With API keys set, a request without a valid key gets only `ready` and
+    `model_uuid`; the details (self-test, swap refusals and their reasons) need a key.
+    """
     state: Readiness = request.app.state.readiness
-    return OrjsonResponse(state.as_dict(), status_code=200 if state.ready else 503)
+    body = state.as_dict() if _may_see_details(request) else state.probe_view()
+    return OrjsonResponse(body, status_code=200 if state.ready else 503)
+
+
+def _may_see_details(request: Request) -> bool:
+    edge = getattr(request.app, "edge", None)
+    keys: KeyChecker | None = getattr(edge, "keys", None)
+    if keys is None:
+        return True  # no keys: every route is open anyway
+    key = presented_key({name: value for name, value in request.scope["headers"]})
+    return key is not None and keys.matches(key)
 
 
 @router.get(

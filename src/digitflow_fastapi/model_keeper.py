@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import fcntl
+import json
 import logging
 import os
 import shutil
@@ -198,9 +199,46 @@ def publish_start_model(folder: Path, source: ModelSource, served: ServedModel) 
     return desired
 
 
+# Run by `python -E -P -c`: load digitflow and digitflow_fastapi from the very files the master
+# imported (argv[1]: JSON name -> package folder), then the keeper. No folder goes on sys.path.
+_BOOTSTRAP = """\
+import importlib.util, json, sys
+for name, folder in json.loads(sys.argv.pop(1)).items():
+    spec = importlib.util.spec_from_file_location(
+        name, folder + "/__init__.py", submodule_search_locations=[folder])
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+from digitflow_fastapi.model_keeper import main
+sys.exit(main())
+"""
+
+
+def _package_folders() -> dict[str, str]:
+    """Where this process's `digitflow` and `digitflow_fastapi` packages live."""
+    import digitflow
+    import digitflow_fastapi
+
+    return {
+        package.__name__: str(Path(package.__file__ or "").resolve().parent)
+        for package in (digitflow, digitflow_fastapi)
+    }
+
+
 def keeper_command(action: str, folder: Path, *options: str) -> list[str]:
-    """The command line that runs `action` (`swap` or `watch`) for the state `folder`."""
-    return [sys.executable, "-m", MODULE, action, "--state-dir", str(folder), *options]
+    """The command line that runs `action` (`swap` or `watch`) for the state `folder`.
+
+    Isolated (`-E -P`: `-I` but for the user's site-packages, where `pip install --user` puts
+    the dependencies): neither the working folder nor PYTHON* variables (PYTHONPATH may name
+    `.`) decide what it imports; a module planted in the master's working folder would
+    otherwise run on the next SIGHUP. Site-packages still load, so installed and editable
+    dependencies resolve as usual; the two packages themselves are loaded from the folders the
+    master uses, by name only. The working folder stays the master's, so relative paths in the
+    settings (PRED_MODEL_PATH, PRED_MODELS_DIR...) mean what they mean to the workers.
+    """
+    packages = json.dumps(_package_folders())
+    argv = ["--state-dir", str(folder), *options]
+    return [sys.executable, "-E", "-P", "-c", _BOOTSTRAP, packages, action, *argv]
 
 
 def watch(folder: Path, every_s: float, parent_pid: int) -> None:

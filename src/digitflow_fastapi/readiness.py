@@ -1,4 +1,9 @@
-"""What `/ready` reports: whether this worker can answer predictions, and why not."""
+"""What `/ready` reports: whether this worker can answer predictions, and why not.
+
+A probe (kubelet, load balancer) needs only the first: `probe_view`. The rest (self-test,
+warm-up, swap refusals and their reasons) is for operators: `as_dict`, shown when no API keys
+are set or the request carries a valid key (see `health.ready`). No file paths in either.
+"""
 
 from __future__ import annotations
 
@@ -19,7 +24,6 @@ class Readiness:
     detail: str | None = None
     warmed_up: bool | None = None
     golden_checked: int | None = None
-    golden_file: str | None = None
     model_generation: int | None = None
     refused_swaps: int | None = None
     last_refused_swap: dict[str, str] | None = None
@@ -34,7 +38,6 @@ class Readiness:
             self_test="passed" if report.golden_file is not None else None,
             warmed_up=report.warmed_up,
             golden_checked=report.golden_checked,
-            golden_file=str(report.golden_file) if report.golden_file is not None else None,
         )
 
     @classmethod
@@ -43,7 +46,15 @@ class Readiness:
         return cls(False, True, model_uuid, self_test="failed", detail=detail)
 
     def as_dict(self) -> dict[str, Any]:
+        """Everything known (for operators), unset fields left out."""
         return {k: v for k, v in asdict(self).items() if v is not None}
+
+    def probe_view(self) -> dict[str, Any]:
+        """What an open probe needs: ready or not, and which model."""
+        view: dict[str, Any] = {"ready": self.ready}
+        if self.model_uuid is not None:
+            view["model_uuid"] = self.model_uuid
+        return view
 
 
 NOT_LOADED = Readiness(ready=False, model_loaded=False)

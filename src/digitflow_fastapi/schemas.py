@@ -36,16 +36,16 @@ class HealthStatus(BaseModel):
 
 
 class ReadyStatus(BaseModel):
-    """`/ready`: what this worker loaded and checked (unset fields are left out)."""
+    """`/ready`: what this worker loaded and checked (unset fields are left out). With API
+    keys set, a request without a valid key gets only `ready` and `model_uuid`."""
 
     ready: bool
-    model_loaded: bool
+    model_loaded: bool | None = None
     model_uuid: str | None = None
     self_test: Literal["passed", "failed"] | None = None
     detail: str | None = Field(default=None, description="Why the self-test failed")
     warmed_up: bool | None = None
     golden_checked: int | None = None
-    golden_file: str | None = None
     model_generation: int | None = Field(
         default=None, description="Swaps since start behind the model served (0: the first)"
     )
