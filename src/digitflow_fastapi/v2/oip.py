@@ -52,7 +52,10 @@ router = APIRouter(prefix=OIP_PREFIX, tags=["open inference protocol v2"])
 _ERRORS: dict[int | str, dict[str, Any]] = {
     400: {"model": OipError, "description": "Malformed request, unknown input, bad image"},
     404: {"model": OipError, "description": "No model of that name or version"},
-    413: {"model": OipError, "description": "Body or image count over the limits"},
+    413: {
+        "model": OipError,
+        "description": "Body, image count or JSON values (MAX_JSON_VALUES) over the limits",
+    },
     503: {"model": OipError, "description": "Model not loaded yet"},
 }
 
