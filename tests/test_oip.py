@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import csv
 import struct
 from collections.abc import Iterator
@@ -15,7 +16,7 @@ import tritonclient.http as triton
 from PIL import Image
 from tritonclient.utils import InferenceServerException
 
-from tests.support.gunicorn_server import TrainedModel, serve
+from tests.support.gunicorn_server import TrainedModel, serve, worker_pids
 from tests.support.processes import ServerProcess
 
 PREDICT = "/api/v1/model/predict"
@@ -276,3 +277,107 @@ def test_the_v2_routes_are_documented_with_examples(server: ServerProcess) -> No
     assert {"images", "pixels"} <= set(examples)
     assert "example" in infer["responses"]["200"]["content"]["application/json"]
     assert {"400", "404"} <= set(infer["responses"])
+
+
+def test_repeated_output_names_are_refused_so_the_answer_stays_the_size_of_the_request(
+    client: triton.InferenceServerClient, server: ServerProcess, test_pngs: list[Path]
+) -> None:
+    twice = [triton.InferRequestedOutput("probabilities") for _ in range(2)]
+    with pytest.raises(InferenceServerException) as caught:
+        client.infer("mnist", [bytes_input([test_pngs[0].read_bytes()])], outputs=twice)
+    assert caught.value.status() == "400"
+    assert "duplicate output 'probabilities'" in caught.value.message()
+    # The review's request: 64 small PNGs and 20,000 copies of one output (0.5 MB) → 253 MB.
+    images = [base64.b64encode(p.read_bytes()).decode() for p in test_pngs[:BATCH]]
+    body = {
+        "inputs": [{"name": "images", "datatype": "BYTES", "shape": [BATCH], "data": images}],
+        "outputs": [{"name": "probabilities"}] * 20_000,
+    }
+    r = httpx.post(f"{server.url}/v2/models/mnist/infer", json=body, timeout=120)
+    assert r.status_code == 400, r.text[:200]
+    assert r.json() == {
+        "error": "`outputs` names 20000 tensors; the model has 2: 'class' and 'probabilities', "
+        "each at most once"
+    }
+
+
+@pytest.mark.parametrize("value", [b"\xb2", b"9" * 5000], ids=["superscript-two", "5000-digits"])
+def test_an_inference_header_length_that_is_not_ascii_digits_is_a_400_not_a_500(
+    server: ServerProcess, value: bytes
+) -> None:
+    header = b'{"inputs":[{"name":"images","datatype":"BYTES","shape":[1],"data":["aGk="]}]}'
+    r = httpx.post(
+        f"{server.url}/v2/models/mnist/infer",
+        content=header,
+        headers={b"Inference-Header-Content-Length": value},
+        timeout=30,
+    )
+    assert r.status_code == 400, r.text
+    assert "Inference-Header-Content-Length is not a length" in r.json()["error"]
+
+
+def test_tritonclient_gets_the_servers_reason_for_an_endpoint_it_does_not_have(
+    client: triton.InferenceServerClient,
+) -> None:
+    with pytest.raises(InferenceServerException) as caught:
+        client.get_model_repository_index()
+    assert caught.value.status() == "404"
+    assert caught.value.message().startswith(
+        "POST /v2/repository/index is not an endpoint of this server"
+    )
+
+
+@pytest.mark.parametrize(
+    ("method", "path", "status", "allow"),
+    [
+        ("GET", "/v2/nothing/here", 404, None),
+        ("POST", "/v2/repository/models/mnist/load", 404, None),
+        ("DELETE", "/v2/models/mnist", 405, "GET"),
+        ("GET", "/v2/models/mnist/infer", 405, "POST"),
+        ("PUT", "/v2/models/mnist/versions/1/infer", 405, "POST"),
+        ("POST", "/v2/health/live", 405, "GET"),
+    ],
+)
+def test_every_unknown_path_or_method_under_v2_answers_the_protocols_error(
+    server: ServerProcess, method: str, path: str, status: int, allow: str | None
+) -> None:
+    r = httpx.request(method, f"{server.url}{path}", timeout=30)
+    assert r.status_code == status, r.text
+    assert list(r.json()) == ["error"]
+    assert f"{method} " in r.json()["error"] and path in r.json()["error"]
+    assert r.headers.get("allow") == allow
+
+
+def _status_kib(pid: int, field: str) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith(f"{field}:"):
+            return int(line.split()[1])
+    raise AssertionError(f"no {field} for {pid}")
+
+
+def test_a_json_header_of_many_tiny_values_is_refused_before_it_is_parsed(
+    server: ServerProcess, test_pngs: list[Path]
+) -> None:
+    url = f"{server.url}/v2/models/mnist/infer"
+    # The largest legitimate JSON request still passes: 64 images as nested `pixels` numbers.
+    pixels = np.stack([np.asarray(Image.open(p), dtype=np.float32) / 255.0 for p in test_pngs])
+    nested = pixels[:BATCH].reshape(BATCH, 1, 28, 28).tolist()
+    tensor = {"name": "pixels", "datatype": "FP32", "shape": [BATCH, 1, 28, 28], "data": nested}
+    r = httpx.post(url, json={"inputs": [tensor]}, timeout=120)
+    assert r.status_code == 200, r.text[:200]
+    # 10 MiB of `[{},...]` parsed to +241 MiB in a worker; now it is counted and refused.
+    flood = b"[" + b"{}," * (10 * 1024 * 1024 // 3 - 10) + b"{}]"
+    workers = worker_pids(server.pid)
+    can_reset_peak = True
+    for pid in workers:
+        try:
+            Path(f"/proc/{pid}/clear_refs").write_text("5")  # VmHWM := VmRSS
+        except OSError:
+            can_reset_peak = False
+    before = {pid: _status_kib(pid, "VmRSS") for pid in workers}
+    r = httpx.post(url, content=flood, timeout=120)
+    assert r.status_code == 413, r.text[:200]
+    assert "more than 53120 values (MAX_JSON_VALUES)" in r.json()["error"]
+    if can_reset_peak:
+        grown_mib = max(_status_kib(pid, "VmHWM") - before[pid] for pid in workers) / 1024
+        assert grown_mib < 64, f"a worker's peak RSS grew {grown_mib:.0f} MiB"

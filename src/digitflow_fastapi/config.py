@@ -71,6 +71,12 @@ class Settings(ModelSettings):
     MODEL_POLL_SECONDS: NonNegativeFloat = 0.0
     DIGITFLOW_MODEL_STATE_DIR: Path | None = None  # set by the gunicorn master for its workers
     OIP_MODEL_NAME: str = Field(default="mnist", pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+    MAX_JSON_VALUES: PositiveInt | None = Field(
+        default=None,
+        description="Most values in the JSON part of a /v2 infer request, counted before it is "
+        "parsed (a parsed `{}` costs 24× its JSON). Unset: room for MAX_FILES_PER_REQUEST images "
+        "as `pixels` numbers, nested as [N,1,28,28].",
+    )
     # The ASGI edge (`digitflow_fastapi.edge`): request logs, API keys, CORS, rate limit.
     REQUEST_LOG: bool = False  # measured: the line costs 5-8 % of req/s at c=64
     API_KEYS: SecretStr | None = None
@@ -92,6 +98,7 @@ class Settings(ModelSettings):
         "API_KEYS",
         "API_KEYS_FILE",
         "RATE_LIMIT",
+        "MAX_JSON_VALUES",
         mode="before",
     )
     @classmethod
@@ -148,6 +155,12 @@ class Settings(ModelSettings):
         if self.API_KEYS_FILE is not None:
             keys += read_api_keys_file(self.API_KEYS_FILE)
         return tuple(dict.fromkeys(keys))
+
+    def json_values_cap(self) -> int:
+        """`MAX_JSON_VALUES`, else per image 784 numbers and 30 nested lists, plus 1024."""
+        if self.MAX_JSON_VALUES is not None:
+            return self.MAX_JSON_VALUES
+        return self.MAX_FILES_PER_REQUEST * (784 + 30) + 1024
 
     def cors_origins(self) -> tuple[str, ...]:
         """The allowed origins (empty: no CORS headers at all; `*`: any origin)."""

@@ -1,16 +1,19 @@
-"""One place mapping core errors to 4xx JSON bodies `{"detail": ...}`."""
+"""One place mapping errors to 4xx JSON: `{"detail": ...}`, and `{"error": ...}` under /v2."""
 
 from __future__ import annotations
 
 import logging
 
 from fastapi import FastAPI, Request
+from fastapi.exception_handlers import http_exception_handler
 from fastapi.exceptions import RequestValidationError
+from starlette.exceptions import HTTPException
 from starlette.requests import ClientDisconnect
 from starlette.responses import Response
 
 from digitflow.errors import ImageTooLarge, InvalidImage, UnsupportedImageFormat
 from digitflow_fastapi.responses import OrjsonResponse
+from digitflow_fastapi.v2.errors import is_oip_path, oip_http_error
 
 logger = logging.getLogger(__name__)
 
@@ -61,6 +64,14 @@ def install_error_handlers(app: FastAPI) -> None:
         logger.info("client disconnected before the request was read")
         return Response(status_code=499)
 
+    async def on_http_error(request: Request, exc: Exception) -> Response:
+        """The router's 404/405: the protocol's body under /v2, FastAPI's elsewhere."""
+        assert isinstance(exc, HTTPException)
+        if is_oip_path(request.scope):
+            return oip_http_error(request, exc)
+        return await http_exception_handler(request, exc)
+
     app.add_exception_handler(RequestError, on_request_error)
+    app.add_exception_handler(HTTPException, on_http_error)
     app.add_exception_handler(RequestValidationError, on_validation_error)
     app.add_exception_handler(ClientDisconnect, on_client_gone)

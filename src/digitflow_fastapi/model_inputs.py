@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import re
 from collections.abc import Callable, Sequence
 
 import numpy as np
@@ -23,6 +24,9 @@ from digitflow_fastapi.predicting import predict_images
 
 FloatBatch = npt.NDArray[np.float32]
 
+# A JSON string (escapes skipped) or one byte that starts a value: a comma, `[` or `{`.
+_STRING_OR_VALUE_MARK = re.compile(rb'"[^"\\]*(?:\\.[^"\\]*)*"|[,\[{]')
+
 
 async def read_body(request: Request, max_bytes: int) -> bytes:
     """The whole body, refused with 413 as soon as it grows past `max_bytes` (chunked too)."""
@@ -32,6 +36,30 @@ async def read_body(request: Request, max_bytes: int) -> bytes:
         if len(received) > max_bytes:
             raise RequestError(413, f"request body exceeds MAX_UPLOAD_BYTES ({max_bytes})")
     return bytes(received)
+
+
+def check_json_values(text: bytes, max_values: int, setting: str) -> None:
+    """Refuse JSON holding more than `max_values` values before it is parsed (413).
+
+    Parsed JSON costs far more than its text: `{},` is a 72-byte dict, so 10 MiB of `[{},...]`
+    grew a worker by 241 MiB. Every value but the first of a list or object follows a comma and
+    every list or object opens with `[` or `{`, so counting those bytes bounds the values. The
+    count over the raw bytes (a memchr pass each) settles any ordinary request; only a document
+    over the cap by it is rescanned with its strings skipped (a comma in a string is no value),
+    stopping as soon as the cap is passed.
+    """
+    if text.count(b",") + text.count(b"[") + text.count(b"{") <= max_values:
+        return
+    count = 0
+    for match in _STRING_OR_VALUE_MARK.finditer(text):
+        if match.end() - match.start() == 1:  # not a string, which is at least `""`
+            count += 1
+            if count > max_values:
+                raise RequestError(
+                    413,
+                    f"the request's JSON holds more than {max_values} values ({setting}); "
+                    "send the images' bytes as binary tensor data or fewer images",
+                )
 
 
 def check_count(count: int, max_images: int) -> None:

@@ -36,6 +36,7 @@ from digitflow_fastapi.schemas import (
     OipServerMetadata,
 )
 from digitflow_fastapi.v2 import docs
+from digitflow_fastapi.v2.errors import OIP_PREFIX, oip_error
 from digitflow_fastapi.v2.tensors import (
     CLASS,
     HEADER_LENGTH,
@@ -45,20 +46,18 @@ from digitflow_fastapi.v2.tensors import (
     split_body,
 )
 
-router = APIRouter(prefix="/v2", tags=["open inference protocol v2"])
+router = APIRouter(prefix=OIP_PREFIX, tags=["open inference protocol v2"])
 
 
 _ERRORS: dict[int | str, dict[str, Any]] = {
     400: {"model": OipError, "description": "Malformed request, unknown input, bad image"},
     404: {"model": OipError, "description": "No model of that name or version"},
-    413: {"model": OipError, "description": "Body or image count over the limits"},
+    413: {
+        "model": OipError,
+        "description": "Body, image count or JSON values (MAX_JSON_VALUES) over the limits",
+    },
     503: {"model": OipError, "description": "Model not loaded yet"},
 }
-
-
-def oip_error(status: int, message: str, headers: dict[str, str] | None = None) -> OrjsonResponse:
-    """The protocol's error body."""
-    return OrjsonResponse({"error": message}, status_code=status, headers=headers)
 
 
 def _problem(exc: RequestError) -> OrjsonResponse:
@@ -212,7 +211,9 @@ async def answer_infer(request: Request, name: str, version: str | None) -> Resp
         if request.headers.get("content-encoding", "identity").lower() != "identity":
             raise RequestError(400, "compressed request bodies are not supported")
         body = await read_body(request, settings.MAX_UPLOAD_BYTES)
-        document, binary = split_body(body, request.headers.get(HEADER_LENGTH))
+        document, binary = split_body(
+            body, request.headers.get(HEADER_LENGTH), settings.json_values_cap()
+        )
         requested = requested_outputs(document)
         batch = await input_batch(document, binary, settings, request.app.state.decoder)
         predictions = await predict_batch(request, batch)

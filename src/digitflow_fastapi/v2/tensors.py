@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import struct
 from dataclasses import dataclass
 from typing import Any
@@ -15,6 +16,7 @@ from digitflow_fastapi.errors import RequestError
 from digitflow_fastapi.model_inputs import (
     FloatBatch,
     check_count,
+    check_json_values,
     decode_base64,
     images_to_batch,
     pixels_to_batch,
@@ -26,6 +28,9 @@ CLASS = "class"
 PROBABILITIES = "probabilities"
 OUTPUTS = (CLASS, PROBABILITIES)
 HEADER_LENGTH = "inference-header-content-length"
+# ASCII digits only: `str.isdigit` also takes "²" (int() then fails) and int() takes "١٢" and
+# "1_0"; 15 digits are past any body the upload cap lets in (and far below int()'s digit limit).
+_LENGTH = re.compile(r"[0-9]{1,15}")
 
 
 @dataclass
@@ -34,17 +39,28 @@ class Requested:
     binary: set[str]
 
 
-def split_body(body: bytes, header_length: str | None) -> tuple[dict[str, Any], bytes]:
-    """The JSON inference header and the binary tensor data after it (may be empty)."""
+def split_body(
+    body: bytes, header_length: str | None, max_values: int
+) -> tuple[dict[str, Any], bytes]:
+    """The JSON inference header and the binary tensor data after it (may be empty).
+
+    The header is counted before it is parsed (`check_json_values`), so a document of many
+    tiny values is refused before it becomes hundreds of MiB of Python objects.
+    """
     json_length = len(body)
     if header_length is not None:
-        if not header_length.strip().isdigit() or int(header_length) > len(body):
+        digits = header_length.strip(" \t")
+        if _LENGTH.fullmatch(digits) is None or int(digits) > len(body):
             raise RequestError(
-                400, "Inference-Header-Content-Length is not a length within the body"
+                400,
+                "Inference-Header-Content-Length is not a length within the body "
+                "(ASCII digits, at most the body's size)",
             )
-        json_length = int(header_length)
+        json_length = int(digits)
+    text = body if json_length == len(body) else body[:json_length]
+    check_json_values(text, max_values, "MAX_JSON_VALUES")
     try:
-        document = orjson.loads(body[:json_length])
+        document = orjson.loads(text)
     except orjson.JSONDecodeError as exc:
         raise RequestError(400, f"the request is not valid JSON: {exc}") from None
     if not isinstance(document, dict):
@@ -166,17 +182,30 @@ def _split_bytes_elements(binary: bytes, count: int, label: str) -> list[bytes]:
 
 
 def requested_outputs(document: dict[str, Any]) -> Requested:
-    """Which outputs to return and which of them as binary (the client's choice)."""
+    """Which outputs to return and which of them as binary (the client's choice).
+
+    Each output at most once, as Triton does: the answer's size must follow from the images
+    sent, not from how often a name is repeated (20,000 copies of one name in a 0.5 MB request
+    made a 253 MB answer).
+    """
     parameters = document.get("parameters") or {}
     all_binary = isinstance(parameters, dict) and parameters.get("binary_data_output") is True
     wanted = document.get("outputs")
     if wanted is None:
         return Requested(OUTPUTS, set(OUTPUTS) if all_binary else set())
-    if not isinstance(wanted, list) or not all(isinstance(o, dict) for o in wanted):
+    if not isinstance(wanted, list):
         raise RequestError(400, "`outputs` must be a list of objects with a `name`")
+    if len(wanted) > len(OUTPUTS):
+        raise RequestError(
+            400,
+            f"`outputs` names {len(wanted)} tensors; the model has {len(OUTPUTS)}: "
+            f"{CLASS!r} and {PROBABILITIES!r}, each at most once",
+        )
     names: list[str] = []
     binary: set[str] = set()
     for output in wanted:
+        if not isinstance(output, dict):
+            raise RequestError(400, "`outputs` must be a list of objects with a `name`")
         output_name = output.get("name")
         if output_name not in OUTPUTS:
             raise RequestError(
@@ -184,6 +213,8 @@ def requested_outputs(document: dict[str, Any]) -> Requested:
                 f"unknown output {str(output_name)[:40]!r}; "
                 f"expected {CLASS!r} or {PROBABILITIES!r}",
             )
+        if output_name in names:
+            raise RequestError(400, f"duplicate output {output_name!r} in `outputs`")
         names.append(output_name)
         params = output.get("parameters") or {}
         if all_binary or (isinstance(params, dict) and params.get("binary_data") is True):
