@@ -71,7 +71,7 @@ def check_jpeg(data: bytes, max_segments: int) -> None:
 
 
 def count_gif_frames(data: bytes, max_segments: int, max_frames: int) -> int:
-    """Frames of a GIF, counted up to `max_frames` + 1 (then refused) within a block budget."""
+    """Frames of a GIF, counted up to `max_frames` + 1 (no further), within a block budget."""
     end = len(data)
     if end < 13:
         return 1
@@ -86,9 +86,7 @@ def count_gif_frames(data: bytes, max_segments: int, max_frames: int) -> int:
         elif introducer == 0x2C:  # image: descriptor, colour table, LZW code size, sub-blocks
             frames += 1
             if frames > max_frames:
-                raise ImageTooLarge(
-                    f"the image has more than {max_frames} frames; the limit is {max_frames}"
-                )
+                return frames  # the caller refuses it; the rest need not be counted
             if pos + 10 > end:
                 break
             local = data[pos + 9]

@@ -38,7 +38,8 @@ DEFAULT_MAX_IMAGE_PIXELS: Final = 4096 * 4096
 # What the decoder may materialise for one image, in pixels (see `ImageProbe.work_pixels`): a
 # digit needs a few hundred pixels a side, and this bounds one decode to ~20 MiB and ~50 ms.
 DEFAULT_MAX_WORK_PIXELS: Final = 4 * 1024 * 1024
-# Only the first frame is decoded; a file declaring more frames than this is refused.
+# Only the first frame is decoded; a file declaring more frames than this is refused (a GIF's
+# are counted up to one past it, not to the end).
 MAX_FRAMES: Final = 100
 # Images are reduced to at most this many pixels a side before the digit is searched for.
 WORK_SIDE: Final = 512
@@ -177,7 +178,9 @@ def check_limits(probe: ImageProbe, max_pixels: int, max_work_pixels: int) -> No
             "or a JPEG)"
         )
     if probe.frames > MAX_FRAMES:
-        raise ImageTooLarge(f"the image has {probe.frames} frames; the limit is {MAX_FRAMES}")
+        raise ImageTooLarge(
+            f"the image has more than {MAX_FRAMES} frames; the limit is {MAX_FRAMES}"
+        )
 
 
 def decode_image(
