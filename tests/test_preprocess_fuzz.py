@@ -1,5 +1,6 @@
-"""Fuzzing THE transform: random and mutated image bytes never escape as anything but a refusal,
-and no input costs more than the issue's budget (100 ms, 50 MiB) to decode and preprocess."""
+"""Fuzzing THE transform: random and mutated image bytes, floods of chunks, markers and frames,
+and noise images never escape as anything but a refusal, and no input costs more than the
+issue's budget (100 ms, 50 MiB; checked at 3×) to decode and preprocess."""
 
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ from PIL import Image
 
 from digitflow.errors import ImageTooLarge, InvalidImage
 from digitflow.preprocess import DEFAULT_MAX_WORK_PIXELS, bytes_to_input, probe_image
+from tests.support.image_floods import gif_frame_flood, jpeg_comment_flood, png_chunk_flood
 
 # The issue's limits; checked with slack for a loaded 2-core box (the worst case seen is printed).
 TIME_LIMIT_S = 0.100
@@ -164,6 +166,59 @@ def test_big_declared_images_are_refused_from_the_header_before_decoding(
     assert probe.work_pixels > DEFAULT_MAX_WORK_PIXELS
     with pytest.raises(ImageTooLarge, match="decoding it would fill"):
         bytes_to_input(data, max_pixels=MAX_PIXELS)
+
+
+@st.composite
+def structure_floods(draw: st.DrawFn) -> bytes:
+    """A few pixels in a flood of PNG chunks, JPEG markers or junk, GIF frames or sub-blocks."""
+    kind = draw(st.sampled_from(["png", "jpeg", "junk", "gif", "sub-blocks"]))
+    count = draw(st.integers(0, 300_000))
+    side = draw(st.integers(1, 64))
+    if kind == "png":
+        return png_chunk_flood(count, side)
+    if kind == "jpeg":
+        return jpeg_comment_flood(count, side)
+    if kind == "junk":
+        data = jpeg_comment_flood(0, side)
+        return data[:20] + b"\x00" * count + data[20:]  # after SOI and APP0
+    if kind == "gif":
+        return gif_frame_flood(count // 10, side)
+    data = gif_frame_flood(0, side)
+    return data[:-1] + b"\x21\xfe" + b"\x01x" * count + b"\x00;"
+
+
+@st.composite
+def noise_images(draw: st.DrawFn) -> bytes:
+    """Dot grids and salt-and-pepper noise: thousands of ink components, no digit."""
+    side = draw(st.integers(32, 512))
+    step = draw(st.integers(2, 6))
+    density = draw(st.floats(0.001, 0.5))
+    seed = draw(st.integers(0, 2**16))
+    gray = np.full((side, side), 255, np.uint8)
+    if draw(st.booleans()):
+        gray[::step, ::step] = 0
+    else:
+        rng = np.random.default_rng(seed)
+        gray[rng.random((side, side)) < density] = 0
+    if draw(st.booleans()):
+        gray = 255 - gray  # light dots on dark
+    buf = io.BytesIO()
+    Image.fromarray(gray).save(buf, format=draw(st.sampled_from(["PNG", "GIF", "BMP"])))
+    return buf.getvalue()
+
+
+@settings(max_examples=25, deadline=None, derandomize=True)
+@given(structure_floods())
+def test_chunk_marker_and_frame_floods_are_refused_or_read_within_time_and_memory(
+    data: bytes,
+) -> None:
+    _check_one(data)
+
+
+@settings(max_examples=25, deadline=None, derandomize=True)
+@given(noise_images())
+def test_noise_images_are_read_within_time_and_memory(data: bytes) -> None:
+    _check_one(data)
 
 
 def test_the_worst_fuzzed_input_is_reported() -> None:
