@@ -12,7 +12,7 @@ import numpy.typing as npt
 import pytest
 from PIL import Image
 
-from digitflow.preprocess import ImageProbe
+from digitflow.preprocess import ImageProbe, probe_image
 from digitflow_fastapi import decoding
 from digitflow_fastapi.config import Settings
 from digitflow_fastapi.decoding import (
@@ -144,11 +144,10 @@ def test_other_formats_past_the_inline_bytes_are_probed_off_the_loop(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     probed: list[int] = []
-    real_probe = decoding.probe_image
 
     def spy(data: bytes, max_segments: int) -> ImageProbe:
         probed.append(threading.get_ident())
-        return real_probe(data, max_segments)
+        return probe_image(data, max_segments)
 
     monkeypatch.setattr(decoding, "probe_image", spy)
     small = jpeg_comment_flood(10)

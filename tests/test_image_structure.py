@@ -11,7 +11,6 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from digitflow import preprocess
 from digitflow.errors import ImageTooLarge
 from digitflow.image_structure import DEFAULT_MAX_SEGMENTS, check_jpeg, count_gif_frames
 from digitflow.preprocess import MAX_FRAMES, bytes_to_input, probe_image
@@ -23,7 +22,7 @@ def pillow_must_not_parse(monkeypatch: pytest.MonkeyPatch) -> None:
     def refuse(*args: object, **kwargs: object) -> Image.Image:
         raise AssertionError("Pillow was asked to parse the flood")
 
-    monkeypatch.setattr(preprocess.Image, "open", refuse)
+    monkeypatch.setattr(Image, "open", refuse)  # the module preprocess calls it on
 
 
 @pytest.mark.parametrize(
