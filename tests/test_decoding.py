@@ -1,4 +1,5 @@
-"""Uploads are scheduled by the pixels they declare: inline, in a thread, or refused."""
+"""Uploads are scheduled by the pixels they declare and their bytes: inline, in a thread, or
+refused; probes of big non-PNG files run off the loop too."""
 
 from __future__ import annotations
 
@@ -11,13 +12,18 @@ import numpy.typing as npt
 import pytest
 from PIL import Image
 
+from digitflow.preprocess import ImageProbe, probe_image
+from digitflow_fastapi import decoding
+from digitflow_fastapi.config import Settings
 from digitflow_fastapi.decoding import (
+    DEFAULT_INLINE_DECODE_BYTES,
     INLINE_WORK_PIXELS,
     DecodeLimits,
     ImageDecoder,
     declared_work_pixels,
 )
 from digitflow_fastapi.errors import RequestError
+from tests.support.image_floods import gif_frame_flood, jpeg_comment_flood, png_chunk_flood
 
 LIMITS = DecodeLimits(
     max_pixels=20_000_000,
@@ -99,3 +105,75 @@ def test_large_decodes_beyond_the_slots_get_503_with_retry_after() -> None:
     refused = asyncio.run(run())
     assert refused.status_code == 503
     assert refused.headers == {"Retry-After": "1"}
+
+
+def _recording_decoder(threads: list[int], limits: DecodeLimits = LIMITS) -> ImageDecoder:
+    def decode(blob: bytes, max_pixels: int, max_work: int) -> npt.NDArray[np.float32]:
+        threads.append(threading.get_ident())
+        return np.zeros((28, 28), np.float32)
+
+    return ImageDecoder(limits, decode=decode)
+
+
+def test_a_few_pixels_in_many_bytes_are_decoded_in_a_thread() -> None:
+    flood = png_chunk_flood(5_000)  # 28² pixels, 60 KB of empty chunks
+    assert declared_work_pixels(flood) == 784 and len(flood) > DEFAULT_INLINE_DECODE_BYTES
+    threads: list[int] = []
+
+    async def run() -> int:
+        await _recording_decoder(threads).decode_all([png(28, 28), flood], lambda i: f"#{i}")
+        return threading.get_ident()
+
+    loop_thread = asyncio.run(run())
+    assert threads[0] == loop_thread and threads[1] != loop_thread
+
+
+def test_the_inline_budget_is_shared_by_the_images_of_a_request() -> None:
+    threads: list[int] = []
+
+    async def run(blobs: list[bytes]) -> list[bool]:
+        threads.clear()
+        await _recording_decoder(threads).decode_all(blobs, lambda i: f"#{i}")
+        return [t == threading.get_ident() for t in threads]
+
+    assert asyncio.run(run([png(28, 28)] * 64)) == [True] * 64  # MNIST requests stay inline
+    assert asyncio.run(run([png(256, 256)] * 3)) == [True, False, False]
+
+
+def test_other_formats_past_the_inline_bytes_are_probed_off_the_loop(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    probed: list[int] = []
+
+    def spy(data: bytes, max_segments: int) -> ImageProbe:
+        probed.append(threading.get_ident())
+        return probe_image(data, max_segments)
+
+    monkeypatch.setattr(decoding, "probe_image", spy)
+    small = jpeg_comment_flood(10)
+    big = jpeg_comment_flood(9_000)  # 36 KB of markers, under MAX_IMAGE_SEGMENTS
+    assert len(small) < DEFAULT_INLINE_DECODE_BYTES < len(big)
+
+    async def run() -> int:
+        await _recording_decoder([]).decode_all([small, big, small], lambda i: f"#{i}")
+        return threading.get_ident()
+
+    loop_thread = asyncio.run(run())
+    assert probed[0] == loop_thread and probed[1] != loop_thread and probed[2] != loop_thread
+
+
+def test_a_flood_is_refused_with_413_naming_the_image() -> None:
+    decoder = ImageDecoder(LIMITS)
+    with pytest.raises(RequestError) as refused:
+        asyncio.run(decoder.decode_all([png(28, 28), gif_frame_flood(1_000)], lambda i: f"#{i}"))
+    assert refused.value.status_code == 413
+    assert refused.value.detail == "#1: the image has more than 100 frames; the limit is 100"
+
+
+def test_the_decode_limits_come_from_the_settings() -> None:
+    conf = Settings(INLINE_DECODE_MAX_BYTES=0, MAX_IMAGE_SEGMENTS=7, MAX_DIGIT_COMPONENTS=9)
+    limits = DecodeLimits.from_settings(conf)
+    assert (limits.inline_bytes, limits.max_segments, limits.max_components) == (0, 7, 9)
+    assert limits.max_work_pixels == conf.MAX_DECODE_PIXELS
+    with pytest.raises(RequestError, match="more than 7 chunks"):
+        asyncio.run(ImageDecoder(limits).decode_all([png_chunk_flood(10)], lambda i: f"#{i}"))

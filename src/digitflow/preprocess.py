@@ -24,15 +24,22 @@ import numpy as np
 import numpy.typing as npt
 from PIL import Image, ImageOps
 
-from digitflow.digit_locator import locate_digit
+from digitflow.digit_locator import DEFAULT_MAX_COMPONENTS, locate_digit
 from digitflow.errors import ImageTooLarge, InvalidImage, UnsupportedImageFormat
+from digitflow.image_structure import (
+    DEFAULT_MAX_SEGMENTS,
+    check_jpeg,
+    check_png,
+    count_gif_frames,
+)
 
 MNIST_SIZE: Final = 28
 DEFAULT_MAX_IMAGE_PIXELS: Final = 4096 * 4096
 # What the decoder may materialise for one image, in pixels (see `ImageProbe.work_pixels`): a
 # digit needs a few hundred pixels a side, and this bounds one decode to ~20 MiB and ~50 ms.
 DEFAULT_MAX_WORK_PIXELS: Final = 4 * 1024 * 1024
-# Only the first frame is decoded; a file declaring more frames than this is refused.
+# Only the first frame is decoded; a file declaring more frames than this is refused (a GIF's
+# are counted up to one past it, not to the end).
 MAX_FRAMES: Final = 100
 # Images are reduced to at most this many pixels a side before the digit is searched for.
 WORK_SIDE: Final = 512
@@ -103,14 +110,27 @@ def sniff_format(data: bytes) -> str:
     raise UnsupportedImageFormat("not a supported image; send PNG, JPEG, WebP, BMP or GIF")
 
 
-def _open(data: bytes, fmt: str) -> tuple[Image.Image, ImageProbe]:
+def _walk_structure(data: bytes, fmt: str, max_segments: int) -> int | None:
+    """Refuse chunk, marker and frame floods before Pillow parses them (`image_structure`);
+    a GIF's frame count (Pillow would count them all), else None."""
+    if fmt == "PNG":
+        check_png(data, max_segments)
+    elif fmt == "JPEG":
+        check_jpeg(data, max_segments)
+    elif fmt == "GIF":
+        return count_gif_frames(data, max_segments, MAX_FRAMES)
+    return None
+
+
+def _open(data: bytes, fmt: str, max_segments: int) -> tuple[Image.Image, ImageProbe]:
     """Open `data` lazily (header only), set a JPEG's decoder to luminance (a big one at reduced
     DCT scale), and probe it. Callers turn Pillow's exceptions into ours (`_refusal`)."""
+    gif_frames = _walk_structure(data, fmt, max_segments)
     image = Image.open(io.BytesIO(data), formats=[fmt])
     width, height = image.size
     if width <= 0 or height <= 0:
         raise InvalidImage(f"the {fmt} header declares an empty image")
-    frames = int(getattr(image, "n_frames", 1))
+    frames = gif_frames or int(getattr(image, "n_frames", 1))
     if fmt == "JPEG":
         big = max(width, height) > _DRAFT_ABOVE
         image.draft("L", (WORK_SIDE, WORK_SIDE) if big else None)
@@ -128,13 +148,16 @@ def _refusal(fmt: str, exc: BaseException) -> InvalidImage:
 _BOMB: Final = (Image.DecompressionBombError, Image.DecompressionBombWarning)
 
 
-def probe_image(data: bytes) -> ImageProbe:
-    """Format, size, frame count and decode cost of `data`, from its header; raises InvalidImage."""
+def probe_image(data: bytes, max_segments: int = DEFAULT_MAX_SEGMENTS) -> ImageProbe:
+    """Format, size, frame count and decode cost of `data`, from its header; raises InvalidImage.
+
+    Its cost grows with the file's structure, up to `max_segments` chunks or markers: probe a
+    large file off the event loop."""
     fmt = sniff_format(data)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            image, probe = _open(data, fmt)
+            image, probe = _open(data, fmt, max_segments)
             image.close()
     except (*_BOMB, *_DECODE_ERRORS) as exc:
         raise _refusal(fmt, exc) from None
@@ -155,20 +178,23 @@ def check_limits(probe: ImageProbe, max_pixels: int, max_work_pixels: int) -> No
             "or a JPEG)"
         )
     if probe.frames > MAX_FRAMES:
-        raise ImageTooLarge(f"the image has {probe.frames} frames; the limit is {MAX_FRAMES}")
+        raise ImageTooLarge(
+            f"the image has more than {MAX_FRAMES} frames; the limit is {MAX_FRAMES}"
+        )
 
 
 def decode_image(
     data: bytes,
     max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS,
     max_work_pixels: int = DEFAULT_MAX_WORK_PIXELS,
+    max_segments: int = DEFAULT_MAX_SEGMENTS,
 ) -> Image.Image:
     """Decode the first frame of `data`, upright; refuse bombs from the header, before decoding."""
     fmt = sniff_format(data)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            image, probe = _open(data, fmt)
+            image, probe = _open(data, fmt, max_segments)
             check_limits(probe, max_pixels, max_work_pixels)
             if probe.frames > 1:
                 image.seek(0)
@@ -222,7 +248,7 @@ def shrink_for_work(gray: UInt8Array) -> UInt8Array:
     return np.asarray(cv2.resize(gray, size, interpolation=cv2.INTER_AREA), dtype=np.uint8)
 
 
-def image_to_input(image: Image.Image) -> FloatArray:
+def image_to_input(image: Image.Image, max_components: int = DEFAULT_MAX_COMPONENTS) -> FloatArray:
     """A decoded image → the model's 28×28 float32 input in [0, 1]."""
     if image.size == (MNIST_SIZE, MNIST_SIZE) and image.mode == "L":
         # tobytes + frombuffer: cheaper than NumPy's array-interface path for a tiny image.
@@ -235,13 +261,20 @@ def image_to_input(image: Image.Image) -> FloatArray:
         arr = gray.astype(np.float32) / np.float32(255.0)
         if is_mnist_format(arr):
             return arr
-    return locate_digit(shrink_for_work(gray))
+    return locate_digit(shrink_for_work(gray), max_components)
 
 
 def bytes_to_input(
     data: bytes,
     max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS,
     max_work_pixels: int = DEFAULT_MAX_WORK_PIXELS,
+    max_segments: int = DEFAULT_MAX_SEGMENTS,
+    max_components: int = DEFAULT_MAX_COMPONENTS,
 ) -> FloatArray:
-    """Bytes of an allow-listed image → the model's 28×28 float32 input; raises InvalidImage."""
-    return image_to_input(decode_image(data, max_pixels, max_work_pixels))
+    """Bytes of an allow-listed image → the model's 28×28 float32 input; raises InvalidImage.
+
+    `max_segments` bounds the file's structure (`image_structure`), `max_components` the digit
+    locator's work (past it the image reads as one without a digit)."""
+    return image_to_input(
+        decode_image(data, max_pixels, max_work_pixels, max_segments), max_components
+    )

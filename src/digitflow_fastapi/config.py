@@ -15,6 +15,7 @@ from typing import Any
 from pydantic import (
     Field,
     NonNegativeFloat,
+    NonNegativeInt,
     PositiveFloat,
     PositiveInt,
     SecretStr,
@@ -24,9 +25,12 @@ from pydantic import (
 )
 
 from digitflow import paths
+from digitflow.digit_locator import DEFAULT_MAX_COMPONENTS
 from digitflow.errors import ConfigError
+from digitflow.image_structure import DEFAULT_MAX_SEGMENTS
 from digitflow.preprocess import DEFAULT_MAX_WORK_PIXELS
 from digitflow.settings import ModelSettings, one_line
+from digitflow_fastapi.decoding import DEFAULT_INLINE_DECODE_BYTES
 from digitflow_fastapi.edge_settings import (
     RATE_LIMIT_PATTERN,
     check_api_keys,
@@ -53,6 +57,21 @@ class Settings(ModelSettings):
     MAX_DECODE_PIXELS: PositiveInt = DEFAULT_MAX_WORK_PIXELS
     MAX_REQUEST_DECODE_PIXELS: PositiveInt = 16 * 1024 * 1024
     MAX_LARGE_DECODES_PER_WORKER: PositiveInt = 2
+    INLINE_DECODE_MAX_BYTES: NonNegativeInt = Field(
+        default=DEFAULT_INLINE_DECODE_BYTES,
+        description="Bytes of a request's images probed and decoded on the event loop (small "
+        "MNIST PNGs); the rest go to a worker thread, as parse cost grows with file size.",
+    )
+    MAX_IMAGE_SEGMENTS: PositiveInt = Field(
+        default=DEFAULT_MAX_SEGMENTS,
+        description="Most PNG chunks, JPEG markers before the image data, or GIF blocks one "
+        "image may hold (413 beyond): floods of them cost the parser seconds.",
+    )
+    MAX_DIGIT_COMPONENTS: PositiveInt = Field(
+        default=DEFAULT_MAX_COMPONENTS,
+        description="Most ink components the digit locator groups; an image with more is "
+        "noise and reads as one without a digit (the blank input).",
+    )
     HEADER_TIMEOUT_S: PositiveFloat = 10.0
     BODY_TIMEOUT_S: PositiveFloat = 30.0
     MAX_HEADER_BYTES: PositiveInt = 16 * 1024
