@@ -222,3 +222,42 @@ def test_the_network_policy_admits_only_the_serving_port_and_the_pull_s_traffic(
         needed.add(_url_port(config["MLFLOW_S3_ENDPOINT_URL"]))
     assert needed <= other_ports
     assert all(rule.get("ports") for rule in policy["egress"]), "no rule may open every port"
+
+
+MIB = 1024 * 1024
+# A serving worker's own memory (model, runtimes, Python), as measured under load (issue 17:
+# 198-250 MiB); the budget below comes on top of it.
+WORKER_BASELINE_BYTES = 250 * MIB
+UNITS = {"Ki": 1024, "Mi": MIB, "Gi": 1024 * MIB, "K": 1000, "M": 1000**2, "G": 1000**3}
+
+
+def quantity_bytes(quantity: str) -> int:
+    for suffix, factor in UNITS.items():
+        if quantity.endswith(suffix):
+            return int(float(quantity.removesuffix(suffix)) * factor)
+    return int(quantity)
+
+
+def effective_setting(env: dict[str, str], name: str) -> int:
+    """The value the server runs with: the manifest's env, else the real Settings default."""
+    default = Settings.model_fields[name].default
+    return int(env.get(name, default))
+
+
+def test_every_worker_s_body_budget_and_baseline_fit_the_pod_memory_limit() -> None:
+    from uvicorn.protocols.http.flow_control import HIGH_WATER_LIMIT
+
+    api = api_container()
+    env = env_of(api)
+    workers = int(env["WEB_CONCURRENCY"])
+    budget = effective_setting(env, "MAX_BUFFERED_BODY_BYTES_PER_WORKER")
+    upload = effective_setting(env, "MAX_UPLOAD_BYTES")
+    connections = effective_setting(env, "MAX_CONNECTIONS_PER_WORKER")
+    limit = quantity_bytes(api["resources"]["limits"]["memory"])
+    # uvicorn reads up to HIGH_WATER_LIMIT of a body per connection before the app takes it.
+    per_worker = budget + WORKER_BASELINE_BYTES + connections * HIGH_WATER_LIMIT
+    assert upload <= budget, "one upload of the allowed size must fit the budget"
+    assert workers * per_worker <= 0.9 * limit, (
+        f"{workers} x {per_worker / MIB:.0f} MiB does not fit {limit / MIB:.0f} MiB with 10 % left"
+    )
+    assert quantity_bytes(api["resources"]["requests"]["memory"]) >= workers * WORKER_BASELINE_BYTES

@@ -18,6 +18,7 @@ from starlette.requests import ClientDisconnect, Request
 from digitflow.logging_setup import current_request_id
 from digitflow_fastapi import metrics
 from digitflow_fastapi.access import presented_key
+from digitflow_fastapi.body_budget import budget_of, metered
 from digitflow_fastapi.edge import Edge
 from digitflow_fastapi.errors import RequestError, error_response
 from digitflow_fastapi.request_log import (
@@ -133,10 +134,12 @@ class LeanFastAPI(FastAPI):
         id_token = current_request_id.set(request_id)
         record_token = current_record.set(record)
         try:
-            if preflight is not None:
-                await preflight(scope, receive, send_with_edge_headers)
-            else:
-                await self._route(scope, receive, send_with_edge_headers, headers, started)
+            # Every body chunk, on every route, is charged to the worker's buffered-body budget.
+            with metered(receive, budget_of(self.state)) as receive:
+                if preflight is not None:
+                    await preflight(scope, receive, send_with_edge_headers)
+                else:
+                    await self._route(scope, receive, send_with_edge_headers, headers, started)
         finally:
             if self.edge.request_log:
                 write_request_line(scope, record, started, self._served_uuid())

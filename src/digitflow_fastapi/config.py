@@ -78,6 +78,10 @@ class Settings(ModelSettings):
     MAX_HEADER_COUNT: PositiveInt = 100
     MAX_CONNECTIONS_PER_WORKER: PositiveInt = 1000
     MAX_IN_FLIGHT_PER_WORKER: PositiveInt = 128
+    # Request-body bytes one worker holds at once, over all its requests (`body_budget`): a
+    # chunk past it gets 503 + Retry-After. 2 workers x (128 MiB + ~250 MiB baseline) fit the
+    # 1 GiB pod of deploy/k8s with room for parsing (tests/test_k8s_manifests.py checks).
+    MAX_BUFFERED_BODY_BYTES_PER_WORKER: PositiveInt = 128 * 1024 * 1024
     REUSE_PORT: bool = True
     RAY_ADDRESS: str | None = None  # `digitflow serve --engine ray`: join this cluster
     MAX_BATCH_SIZE: PositiveInt = 64
@@ -158,6 +162,16 @@ class Settings(ModelSettings):
     def _origins_are_origins(cls, value: str) -> str:
         parse_origins(value)
         return value
+
+    @model_validator(mode="after")
+    def _one_upload_fits_the_body_budget(self) -> Settings:
+        if self.MAX_BUFFERED_BODY_BYTES_PER_WORKER < self.MAX_UPLOAD_BYTES:
+            raise ValueError(
+                f"MAX_BUFFERED_BODY_BYTES_PER_WORKER ({self.MAX_BUFFERED_BODY_BYTES_PER_WORKER}) "
+                f"is smaller than MAX_UPLOAD_BYTES ({self.MAX_UPLOAD_BYTES}): an upload of the "
+                "allowed size could never be read"
+            )
+        return self
 
     @model_validator(mode="after")
     def _no_wildcard_with_credentials(self) -> Settings:

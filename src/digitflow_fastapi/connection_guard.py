@@ -8,7 +8,9 @@ or body a byte at a time, all the time it wants, and it ignores gunicorn's `limi
   the connection opening (or of the previous response); a silent connection is closed, a slow one
   gets 408;
 - a body deadline: the body must arrive within `body_timeout` seconds of the headers (408);
-- caps on header bytes (request line included) and header count (431);
+- caps on header bytes (request line included) and header count (431); bytes are also counted as
+  they arrive, so a header value (or URL, or chunked-body trailer) sent without its line end is
+  refused once it passes the cap instead of growing in httptools' buffer until memory runs out;
 - a per-worker connection cap: a connection over it gets 503 with `Retry-After` at once;
 - a graceful drain: on shutdown an idle keep-alive connection stays open for `drain_seconds`, so
   a request already on its way is answered (with `Connection: close`) instead of being dropped.
@@ -38,6 +40,16 @@ class ConnectionLimits:
     max_connections: int = 1000
     drain_seconds: float = 1.0
     retry_after_seconds: int = 1
+
+    @property
+    def head_allowance(self) -> int:
+        """Raw bytes an unfinished head may reach before it is refused.
+
+        `max_header_bytes` counts the target and the header names and values; the raw head
+        also holds the method, the version, separators and optional whitespace, hence the
+        margin (twice the cap plus 8 bytes a header), still far below anything that hurts.
+        """
+        return 2 * self.max_header_bytes + 8 * self.max_header_count
 
 
 class _Refused(Exception):
@@ -71,6 +83,8 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         self._refusal: bytes | None = None
         self._draining = False
         self._request_started = False
+        self._progress = False  # the parser reached a header end, body bytes or a message end
+        self._unframed_bytes = 0  # bytes fed since it last did
 
     @classmethod
     def configured(cls, limits: ConnectionLimits) -> type[GuardedHttpToolsProtocol]:
@@ -127,6 +141,28 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         self._disarm()
         super().connection_lost(exc)
 
+    def data_received(self, data: bytes) -> None:
+        """Feed the parser, then refuse a head (or trailer) that grows past the cap unfinished.
+
+        httptools reports a header (and `on_header` counts it) only once its line ends, and
+        keeps appending the pieces of an unfinished one to one growing buffer. So every feed
+        in which the parser completes nothing (no header end, no body bytes, no message end)
+        is counted here; the count restarts whenever it does. A connection can thus hold at
+        most `head_allowance` bytes plus one read of unfinished head.
+        """
+        self._progress = False
+        super().data_received(data)
+        if self._progress:
+            self._unframed_bytes = 0
+            return
+        if self.transport.is_closing():
+            return
+        self._unframed_bytes += len(data)
+        if self._unframed_bytes > self.limits.head_allowance:
+            self._refuse(
+                431, f"request line and headers exceed {self.limits.max_header_bytes} bytes"
+            )
+
     def on_message_begin(self) -> None:
         super().on_message_begin()
         self._request_started = True
@@ -167,6 +203,7 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         self.transport.close()
 
     def on_headers_complete(self) -> None:
+        self._progress = True
         self._disarm()
         super().on_headers_complete()
         if self._draining and self.cycle is not None:
@@ -182,7 +219,12 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
                 return True
         return False
 
+    def on_body(self, body: bytes) -> None:
+        self._progress = True
+        super().on_body(body)
+
     def on_message_complete(self) -> None:
+        self._progress = True
         self._disarm()
         super().on_message_complete()
 

@@ -14,11 +14,15 @@ from digitflow_fastapi.errors import RequestError
 
 @dataclass
 class Part:
-    """One form part: its field name, the client's filename (if any) and its bytes."""
+    """One form part: its field name, the client's filename (if any) and its bytes.
+
+    `data` grows in place while the body is parsed, then is frozen into `bytes` (`_freeze`),
+    so the routes get `bytes` without a second copy of every part held next to the first.
+    """
 
     name: str
     filename: str | None
-    data: bytearray = field(default_factory=bytearray)
+    data: bytes | bytearray = field(default_factory=bytearray)
 
 
 class _Collector:
@@ -60,6 +64,15 @@ class _Collector:
     def on_part_data(self, data: bytes, start: int, end: int) -> None:
         if self._current is not None:
             self._current.data += data[start:end]
+
+
+def _freeze(parts: list[Part]) -> list[Part]:
+    """Turn each part's buffer into `bytes`, one part at a time (the buffer is freed at once),
+    so memory peaks at the body plus its largest part, not twice the body; `bytes(part.data)`
+    then returns the same object."""
+    for part in parts:
+        part.data = bytes(part.data)
+    return parts
 
 
 @lru_cache(maxsize=256)
@@ -107,4 +120,4 @@ async def read_multipart(
         parser.finalize()
     except MultipartParseError as exc:
         raise RequestError(400, f"malformed multipart body: {exc}") from exc
-    return collector.parts
+    return _freeze(collector.parts)
