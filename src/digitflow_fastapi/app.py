@@ -209,38 +209,6 @@ def create_app(settings: Settings | None = None, classifier: Classifier | None =
     app.state.settings = conf
     app.state.decoder = ImageDecoder(DecodeLimits.from_settings(conf))
     app.state.readiness = NOT_LOADED
-            await _cancel(follower)  # no swap while shutting down
-            await batcher.stop()
-            await _cancel(publisher)
-
-    return lifespan
-
-
-def create_app(settings: Settings | None = None, classifier: Classifier | None = None) -> FastAPI:
-    """Build the app; nothing is loaded until the lifespan starts."""
-    conf = settings or get_settings()
-    app = LeanFastAPI(
-        max_body_bytes=conf.MAX_UPLOAD_BYTES,
-        max_in_flight=conf.MAX_IN_FLIGHT_PER_WORKER,
-        edge=Edge.from_settings(conf),
-        title=conf.API_NAME,
-        description="Recognises a handwritten digit (0–9) in an uploaded image.",
-        default_response_class=OrjsonResponse,
-        lifespan=build_lifespan(settings, classifier),
-        docs_url=None,
-        redoc_url=None,
-    )
-    app.state.service = None
-    app.state.settings = conf
-    app.state.decoder = ImageDecoder(
-        DecodeLimits(
-            max_pixels=conf.MAX_IMAGE_PIXELS,
-            max_work_pixels=conf.MAX_DECODE_PIXELS,
-            max_request_work_pixels=conf.MAX_REQUEST_DECODE_PIXELS,
-            large_slots=conf.MAX_LARGE_DECODES_PER_WORKER,
-        )
-    )
-    app.state.readiness = NOT_LOADED
     install_error_handlers(app)
     install_docs(app)
     app.include_router(health_router)
