@@ -159,6 +159,13 @@ def main() -> None:
     parser.add_argument("--connections", default="1,16,64")
     parser.add_argument("--servers", default="baseline,digitflow,digitflow-seed-cmd")
     parser.add_argument("--skip-inprocess", action="store_true")
+    parser.add_argument(
+        "--before-src",
+        type=Path,
+        help="the src/ of another checkout (e.g. a git worktree of the previous commit): adds "
+        "server 'digitflow-before', served as 'digitflow' but from that code, for a before/after "
+        "in one run",
+    )
     args = parser.parse_args()
 
     checkpoint = args.checkpoint or default_checkpoint()
@@ -176,6 +183,17 @@ def main() -> None:
         print("\nIn-process, 1 thread:\n" + inprocess.format_table(report["inprocess"]))
 
     specs = server_specs(checkpoint)
+    if args.before_src:
+        current = specs["digitflow"]
+        src = str(args.before_src.resolve())
+        specs["digitflow-before"] = http_load.ServerSpec(
+            "digitflow-before",
+            current.app,
+            current.workers,
+            current.worker_class,
+            Path(src),
+            {**current.env, "PYTHONPATH": src},
+        )
     connections = [int(c) for c in args.connections.split(",")]
     rows: list[dict[str, Any]] = []
     with tempfile.TemporaryDirectory(prefix="digitflow-bench-") as tmp:
