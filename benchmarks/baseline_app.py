@@ -24,7 +24,7 @@ import torch
 from fastapi import FastAPI, File, UploadFile
 from PIL import Image
 
-from digitflow.model import Net
+from digitflow.training.net import Net
 
 APP = FastAPI(title="seed reference design (baseline)")
 

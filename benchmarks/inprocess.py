@@ -12,8 +12,8 @@ from typing import Any
 
 import numpy as np
 
-from digitflow.inference import Classifier
-from digitflow.preprocess import bytes_to_input
+from digitflow.inference.classifier import Classifier
+from digitflow.inference.preprocess import bytes_to_input
 
 BACKENDS = ("torch", "onnx")
 

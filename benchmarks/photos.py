@@ -5,7 +5,7 @@
     python -m benchmarks.photos speed [--side 4000x3000] [--repeat 30]
 
 `build` renders, deterministically (seed 2026), every held-out digit cycled through each photo
-condition of `digitflow.photo_synth.CONDITIONS` (paper fills the frame, table visible, ruled or
+condition of `digitflow.data.photo_synth.CONDITIONS` (paper fills the frame, table visible, ruled or
 squared lines, blue ink, defocus blur, small digit in a big frame) as 480×640 portrait JPEGs
 (small digit: 1200×1600), plus drawn digits (thick strokes, transparent 280×280 canvas, PNG), and
 writes them as files with `labels.csv`. `score` reads only those files and the checkpoint (default:
@@ -28,8 +28,8 @@ import numpy as np
 from PIL import Image
 
 from digitflow import paths
-from digitflow.inference import Classifier
-from digitflow.preprocess import bytes_to_input
+from digitflow.inference.classifier import Classifier
+from digitflow.inference.preprocess import bytes_to_input
 
 SEED = 2026
 DRAWN = "drawn"
@@ -48,7 +48,7 @@ def held_out_digits(data_dir: Path) -> list[tuple[np.ndarray, int]]:
 
 def build(out: Path, data_dir: Path, per_condition: int, drawn: int) -> None:
     """Render the benchmark set into `out` (files + labels.csv)."""
-    from digitflow.photo_synth import CONDITIONS, render_drawing, render_photo
+    from digitflow.data.photo_synth import CONDITIONS, render_drawing, render_photo
 
     digits = held_out_digits(data_dir)
     rng = np.random.default_rng(SEED)
@@ -90,7 +90,7 @@ def score(out: Path, checkpoint: Path) -> dict[str, float]:
 
 def phone_jpeg(width: int, height: int) -> bytes:
     """A phone-sized JPEG of a held-out-like digit on paper (rendered at full size)."""
-    from digitflow.photo_synth import render_photo
+    from digitflow.data.photo_synth import render_photo
 
     digit = np.zeros((28, 28), dtype=np.uint8)
     digit[4:24, 12:16] = 255

@@ -46,9 +46,9 @@ from digitflow import paths
 def start_ray_engine(
     checkpoint: Path, replicas: int, log_dir: Path, probe_body: Path, ray_tmp: str
 ) -> ServerProcess:
-    """`python -m digitflow_fastapi.ray_serve` on a free port, ready once a predict answers 200."""
+    """`python -m digitflow_fastapi.scale.ray_serve` on a free port, ready once predict answers."""
     port = free_port()
-    command = [sys.executable, "-m", "digitflow_fastapi.ray_serve", "--host", "127.0.0.1"]
+    command = [sys.executable, "-m", "digitflow_fastapi.scale.ray_serve", "--host", "127.0.0.1"]
     command += ["--port", str(port), "--replicas", str(replicas)]
     env = {
         "PRED_MODEL_PATH": str(checkpoint),

@@ -85,7 +85,7 @@ def load_samples(data_dir: Path) -> list[tuple[bytes, int]]:
 
 def default_checkpoint() -> Path:
     """The default model, trained first if the embedded store has none."""
-    from digitflow.default_model import ensure_default_model
+    from digitflow.training.default_model import ensure_default_model
 
     return ensure_default_model(
         paths.DEFAULT_TRAIN_CONFIG, paths.DEFAULT_DATA_DIR, paths.DEFAULT_MLRUNS_DIR

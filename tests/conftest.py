@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from digitflow.data import prepare_data
+from digitflow.data.mnist import prepare_data
 from tests.support.mlflow_server import start_mlflow_server
 from tests.support.processes import ServerProcess, stop_process
 

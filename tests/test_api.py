@@ -17,8 +17,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from digitflow.inference import Classifier
-from digitflow.preprocess import bytes_to_input
+from digitflow.inference.classifier import Classifier
+from digitflow.inference.preprocess import bytes_to_input
 from tests.support.gunicorn_server import TrainedModel, serve
 from tests.support.processes import ServerProcess
 

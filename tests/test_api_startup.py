@@ -16,9 +16,9 @@ import pytest
 import torch
 
 from digitflow.errors import SelfTestFailed
-from digitflow.inference import Classifier
-from digitflow.preprocess import bytes_to_input
-from digitflow.selftest import run_self_test
+from digitflow.inference.classifier import Classifier
+from digitflow.inference.preprocess import bytes_to_input
+from digitflow.inference.selftest import run_self_test
 from tests.support.gunicorn_server import SRC_DIR, TrainedModel, start_gunicorn
 from tests.support.processes import free_port, running, start_process
 

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from digitflow.artifact_sources import LocalSource
+from digitflow.artifacts.sources import LocalSource
 from digitflow.errors import ArtifactNotFound
 
 

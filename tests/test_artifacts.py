@@ -14,7 +14,17 @@ from typing import Any
 
 import pytest
 
-from digitflow.artifact_sources import RemoteFile
+from digitflow.artifacts.pull import (
+    RETRY_BACKOFF,
+    _sync_run,
+    list_run_artifacts,
+    pull_run_artifacts,
+    verify_pulled_run,
+)
+from digitflow.artifacts.refs import ModelReference, parse_reference, resolve_model
+from digitflow.artifacts.run_layout import MANIFEST_NAME, is_run_id
+from digitflow.artifacts.sources import RemoteFile
+from digitflow.artifacts.tracking import embedded_target, list_experiments, list_runs
 from digitflow.errors import (
     ArtifactIntegrityError,
     ArtifactNotFound,
@@ -28,19 +38,9 @@ from digitflow.errors import (
     TrackingAuthError,
     TrackingUnavailable,
 )
-from digitflow.model_refs import ModelReference, parse_reference, resolve_model
-from digitflow.pull import (
-    RETRY_BACKOFF,
-    _sync_run,
-    list_run_artifacts,
-    pull_run_artifacts,
-    verify_pulled_run,
-)
-from digitflow.run_layout import MANIFEST_NAME, is_run_id
 from digitflow.settings import CoreSettings, StoreConfig
-from digitflow.tracking import embedded_target, list_experiments, list_runs
-from digitflow.training_config import load_train_config
-from digitflow.training_run import run_training
+from digitflow.training.config import load_train_config
+from digitflow.training.run import run_training
 from tests.support.artifact_stores import (
     ADMIN,
     ADMIN_PASSWORD,
@@ -439,7 +439,7 @@ def test_transient_download_errors_are_retried_with_backoff(tmp_path: Path) -> N
 def test_a_file_that_keeps_arriving_short_fails_the_pull_and_leaves_nothing(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr("digitflow.pull.RETRY_BACKOFF", 0.01)
+    monkeypatch.setattr("digitflow.artifacts.pull.RETRY_BACKOFF", 0.01)
     source = FlakySource(fake_files(), short=True)
     with pytest.raises(StorageUnavailable):
         _sync_run("c" * 32, source.list_files(), source, tmp_path, workers=2, progress=False)
@@ -449,7 +449,7 @@ def test_a_file_that_keeps_arriving_short_fails_the_pull_and_leaves_nothing(
 def test_a_size_mismatch_is_an_integrity_error(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr("digitflow.pull.RETRY_BACKOFF", 0.01)
+    monkeypatch.setattr("digitflow.artifacts.pull.RETRY_BACKOFF", 0.01)
     source = FlakySource(fake_files())
     files = [RemoteFile(f.path, f.size + 1) for f in source.list_files()]
     with pytest.raises(ArtifactIntegrityError, match="bytes"):

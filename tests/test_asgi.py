@@ -12,8 +12,8 @@ import numpy as np
 import numpy.typing as npt
 from PIL import Image
 
-from digitflow.inference import Classifier, Prediction
-from digitflow.model import Net
+from digitflow.inference.classifier import Classifier, Prediction
+from digitflow.training.net import Net
 from digitflow_fastapi.app import create_app
 from digitflow_fastapi.config import Settings
 

@@ -14,8 +14,8 @@ from pathlib import Path
 import httpx
 import pytest
 
-from digitflow_fastapi.body_budget import BodyBudget, Message, metered
 from digitflow_fastapi.config import Settings
+from digitflow_fastapi.edge.body_budget import BodyBudget, Message, metered
 from digitflow_fastapi.errors import RequestError
 from tests.support.gunicorn_server import TrainedModel, start_gunicorn, worker_pids
 from tests.support.processes import ServerProcess, stop_process, wait_for_http

@@ -11,8 +11,8 @@ import pytest
 import torch
 
 from digitflow.errors import InvalidCheckpoint, ModelNotFound
-from digitflow.inference import Classifier
-from digitflow.model import Net
+from digitflow.inference.classifier import Classifier
+from digitflow.training.net import Net
 from tests.support.gunicorn_server import TrainedModel
 
 

@@ -21,11 +21,11 @@ import pytest
 import torch
 from typer.testing import CliRunner, Result
 
-from digitflow.checkpoint import load_model
-from digitflow.cli import app
-from digitflow.cli_artifacts import Shell, export_lines
-from digitflow.preprocess import bytes_to_input
-from digitflow.pull import file_sha256, verify_pulled_run
+from digitflow.artifacts.pull import file_sha256, verify_pulled_run
+from digitflow.cli.artifacts import Shell, export_lines
+from digitflow.cli.main import app
+from digitflow.inference.preprocess import bytes_to_input
+from digitflow.training.checkpoint import load_model
 from tests.support.artifact_stores import (
     ADMIN,
     ADMIN_PASSWORD,

@@ -17,9 +17,9 @@ from pathlib import Path
 import httpx
 import pytest
 
-from digitflow.data import read_annotations
-from digitflow.inference import Classifier
-from digitflow.preprocess import bytes_to_input
+from digitflow.data.mnist import read_annotations
+from digitflow.inference.classifier import Classifier
+from digitflow.inference.preprocess import bytes_to_input
 from tests.support.docker_images import (
     IMAGE_TAG,
     REPO_ROOT,
@@ -331,9 +331,9 @@ class TrackedRun:
 @pytest.fixture(scope="module")
 def tracked_run(data_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[TrackedRun]:
     """An artifact-proxying mlflow server (so a container needs only HTTP) with a tiny run."""
-    from digitflow.tracking import TrackingTarget
-    from digitflow.training_config import load_train_config
-    from digitflow.training_run import run_training
+    from digitflow.artifacts.tracking import TrackingTarget
+    from digitflow.training.config import load_train_config
+    from digitflow.training.run import run_training
 
     workdir = tmp_path_factory.mktemp("container-mlflow")
     args = ["--serve-artifacts", "--artifacts-destination", str(workdir / "artifacts")]

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from digitflow.data import load_mnist_arrays, load_split, prepare_data, stratified_split
+from digitflow.data.mnist import load_mnist_arrays, load_split, prepare_data, stratified_split
 from digitflow.errors import DataNotFound
 
 

@@ -12,17 +12,17 @@ import numpy.typing as npt
 import pytest
 from PIL import Image
 
-from digitflow.preprocess import ImageProbe, probe_image
-from digitflow_fastapi import decoding
+from digitflow.inference.preprocess import ImageProbe, probe_image
 from digitflow_fastapi.config import Settings
-from digitflow_fastapi.decoding import (
+from digitflow_fastapi.errors import RequestError
+from digitflow_fastapi.protocols import decoding
+from digitflow_fastapi.protocols.decoding import (
     DEFAULT_INLINE_DECODE_BYTES,
     INLINE_WORK_PIXELS,
     DecodeLimits,
     ImageDecoder,
     declared_work_pixels,
 )
-from digitflow_fastapi.errors import RequestError
 from tests.support.image_floods import gif_frame_flood, jpeg_comment_flood, png_chunk_flood
 
 LIMITS = DecodeLimits(

@@ -10,13 +10,13 @@ import pytest
 
 from digitflow.errors import ConfigError
 from digitflow.logging_setup import JsonFormatter, RequestIdFilter, current_request_id
-from digitflow_fastapi.access import KeyChecker, presented_key
 from digitflow_fastapi.app import create_app
 from digitflow_fastapi.config import Settings, get_settings
-from digitflow_fastapi.cors import CorsPolicy
-from digitflow_fastapi.rate_limit import RateLimiter
-from digitflow_fastapi.request_log import RequestIds, loggable
-from digitflow_fastapi.routing import RoutePolicy, RouteTable
+from digitflow_fastapi.edge.cors import CorsPolicy
+from digitflow_fastapi.edge.keys import KeyChecker, presented_key
+from digitflow_fastapi.edge.rate_limit import RateLimiter
+from digitflow_fastapi.edge.request_log import RequestIds, loggable
+from digitflow_fastapi.edge.routing import RoutePolicy, RouteTable
 
 KEY = "test-key-0123456789abcdef"
 

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
+from digitflow.artifacts.tracking import probe_server
 from digitflow.errors import TrackingUnavailable, redact_credentials
-from digitflow.tracking import probe_server
 from tests.support.processes import free_port
 
 

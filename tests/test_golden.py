@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from digitflow.errors import SelfTestFailed
-from digitflow.golden import GoldenImage, read_golden, write_golden
+from digitflow.training.golden import GoldenImage, read_golden, write_golden
 
 
 def test_a_golden_file_reads_back_what_was_written(tmp_path: Path) -> None:

@@ -12,8 +12,8 @@ import pytest
 from PIL import Image
 
 from digitflow.errors import ImageTooLarge
-from digitflow.image_structure import DEFAULT_MAX_SEGMENTS, check_jpeg, count_gif_frames
-from digitflow.preprocess import MAX_FRAMES, bytes_to_input, probe_image
+from digitflow.inference.image_structure import DEFAULT_MAX_SEGMENTS, check_jpeg, count_gif_frames
+from digitflow.inference.preprocess import MAX_FRAMES, bytes_to_input, probe_image
 from tests.support.image_floods import gif_frame_flood, jpeg_comment_flood, png_chunk_flood
 
 

@@ -12,8 +12,8 @@ import numpy.typing as npt
 import pytest
 
 from digitflow.errors import ConfigError
-from digitflow.inference import Classifier
-from digitflow.preprocess import bytes_to_input
+from digitflow.inference.classifier import Classifier
+from digitflow.inference.preprocess import bytes_to_input
 from tests.support.gunicorn_server import TrainedModel
 
 pytestmark = pytest.mark.slow  # starts real servers or trains a model
@@ -84,7 +84,7 @@ def test_a_cached_onnx_export_is_served_without_importing_torch(
 ) -> None:
     # torch costs ~250 MB per server worker; with the export cached a worker never loads it.
     code = (
-        "import sys; from pathlib import Path; from digitflow.selftest import "
+        "import sys; from pathlib import Path; from digitflow.inference.selftest import "
         "load_checked_classifier as load; "
         "c, _ = load(Path(sys.argv[1]), backend='onnx', cache_dir=Path(sys.argv[2])); "
         "print(c.backend, 'torch' in sys.modules)"

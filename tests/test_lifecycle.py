@@ -113,8 +113,8 @@ def loaded_server(
 
 def load_samples(data_dir: Path, model: TrainedModel) -> list[tuple[bytes, int]]:
     """Test digits the served model gets right (so a wrong answer means mixed-up replies)."""
-    from digitflow.inference import Classifier
-    from digitflow.preprocess import bytes_to_input
+    from digitflow.inference.classifier import Classifier
+    from digitflow.inference.preprocess import bytes_to_input
 
     classifier = Classifier.from_checkpoint(model.model_path)
     samples = []
@@ -263,11 +263,11 @@ def test_workers_stay_pinned_to_the_run_resolved_at_start_when_the_alias_moves(
 ) -> None:
     from mlflow.tracking import MlflowClient
 
-    from digitflow.inference import Classifier
-    from digitflow.preprocess import bytes_to_input
-    from digitflow.tracking import TrackingTarget
-    from digitflow.training_config import load_train_config
-    from digitflow.training_run import run_training
+    from digitflow.artifacts.tracking import TrackingTarget
+    from digitflow.inference.classifier import Classifier
+    from digitflow.inference.preprocess import bytes_to_input
+    from digitflow.training.config import load_train_config
+    from digitflow.training.run import run_training
 
     mlruns = trained_model.model_path.parents[4]
     uri = f"sqlite:///{mlruns / 'mlflow.db'}"

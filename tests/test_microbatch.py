@@ -9,8 +9,8 @@ import numpy as np
 import numpy.typing as npt
 import pytest
 
-from digitflow.inference import Classifier, Prediction
-from digitflow.microbatch import MicroBatcher, QueueFull, QueueTimeout
+from digitflow.inference.classifier import Classifier, Prediction
+from digitflow.inference.microbatch import MicroBatcher, QueueFull, QueueTimeout
 from tests.support.gunicorn_server import TrainedModel
 
 

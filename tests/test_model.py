@@ -6,8 +6,8 @@ from pathlib import Path
 
 import torch
 
-from digitflow.checkpoint import load_model, save_checkpoint
-from digitflow.model import Net
+from digitflow.training.checkpoint import load_model, save_checkpoint
+from digitflow.training.net import Net
 
 
 def test_net_maps_a_batch_of_28x28_images_to_ten_log_probabilities() -> None:

@@ -7,8 +7,9 @@ import os
 import time
 from pathlib import Path
 
-from digitflow_fastapi import metrics, model_state
-from digitflow_fastapi.model_state import DesiredModel
+from digitflow_fastapi import metrics
+from digitflow_fastapi.lifecycle import model_state
+from digitflow_fastapi.lifecycle.model_state import DesiredModel
 
 
 def test_a_desired_model_round_trips_and_a_torn_file_reads_as_none(tmp_path: Path) -> None:

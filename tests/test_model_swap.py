@@ -62,9 +62,9 @@ class Registry:
 def _train(url: str, data_dir: Path, seed: int) -> RegistryRun:
     from mlflow.tracking import MlflowClient
 
-    from digitflow.tracking import TrackingTarget
-    from digitflow.training_config import load_train_config
-    from digitflow.training_run import run_training
+    from digitflow.artifacts.tracking import TrackingTarget
+    from digitflow.training.config import load_train_config
+    from digitflow.training.run import run_training
 
     overrides = ["epochs=1", "train_limit=400", "golden_count=8", f"seed={seed}"]
     config = load_train_config(None, overrides)
@@ -85,8 +85,8 @@ def _tamper_golden(model_path: Path) -> None:
 @pytest.fixture(scope="module")
 def registry(mlflow_server: ServerProcess, data_dir: Path) -> Registry:
     """Three runs in the real tracking server; a sample the two good ones disagree on."""
-    from digitflow.inference import Classifier
-    from digitflow.preprocess import bytes_to_input
+    from digitflow.inference.classifier import Classifier
+    from digitflow.inference.preprocess import bytes_to_input
 
     good = _train(mlflow_server.url, data_dir, seed=1)
     other = _train(mlflow_server.url, data_dir, seed=2)
@@ -485,7 +485,7 @@ def test_the_model_keeper_imports_nothing_from_the_master_s_working_folder(
         GUNICORN,
         "digitflow_fastapi.main:APP",
         "-c",
-        "python:digitflow_fastapi.gunicorn_conf",
+        "python:digitflow_fastapi.lifecycle.gunicorn_conf",
         "-b",
         f"127.0.0.1:{port}",
         "-w",

@@ -15,8 +15,8 @@ from hypothesis import strategies as st
 
 from digitflow_fastapi.config import Settings
 from digitflow_fastapi.errors import RequestError
-from digitflow_fastapi.model_inputs import check_json_values
-from digitflow_fastapi.v2.tensors import split_body
+from digitflow_fastapi.protocols.model_inputs import check_json_values
+from digitflow_fastapi.protocols.v2.tensors import split_body
 
 # Strings full of the bytes that are counted, and of escapes that hide a quote.
 TRICKY_TEXT = st.text(alphabet=st.sampled_from(list(',[]{}:"\\ aé\n\t/')), max_size=12)

@@ -17,7 +17,7 @@ from starlette.routing import BaseRoute, Mount
 
 from digitflow_fastapi.app import create_app
 from digitflow_fastapi.config import Settings
-from digitflow_fastapi.routing import OPEN_ROUTES
+from digitflow_fastapi.edge.routing import OPEN_ROUTES
 from tests.support.gunicorn_server import SRC_DIR, TrainedModel, start_gunicorn
 from tests.support.processes import (
     ServerProcess,

@@ -8,10 +8,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from digitflow.checkpoint import save_checkpoint
-from digitflow.inference import Classifier
-from digitflow.model import Net
-from digitflow.onnx_export import export_name, private_folder, read_cached
+from digitflow.inference.classifier import Classifier
+from digitflow.inference.onnx_export import export_name, private_folder, read_cached
+from digitflow.training.checkpoint import save_checkpoint
+from digitflow.training.net import Net
 
 
 @pytest.fixture(scope="module")

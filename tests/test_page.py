@@ -12,7 +12,7 @@ import pytest
 from PIL import Image
 from playwright.sync_api import Browser, Page, sync_playwright
 
-from digitflow.preprocess import bytes_to_input
+from digitflow.inference.preprocess import bytes_to_input
 from tests.support.gunicorn_server import TrainedModel, serve
 from tests.support.processes import ServerProcess
 

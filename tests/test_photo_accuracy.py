@@ -1,7 +1,7 @@
 """The default model reads phone photos (each condition) and canvas drawings of HELD-OUT digits.
 
-The photos and drawings are rendered by `digitflow.photo_synth` from the test split only, the way
-`benchmarks/photos.py` builds its benchmark (which reports the full figures in the README).
+The photos and drawings are rendered by `digitflow.data.photo_synth` from the test split only, the
+way `benchmarks/photos.py` builds its benchmark (which reports the full figures in the README).
 """
 
 from __future__ import annotations
@@ -15,10 +15,10 @@ import pytest
 from PIL import Image
 
 from digitflow import paths
-from digitflow.default_model import ensure_default_model
-from digitflow.inference import Classifier
-from digitflow.photo_synth import CONDITIONS, render_drawing, render_photo
-from digitflow.preprocess import bytes_to_input
+from digitflow.data.photo_synth import CONDITIONS, render_drawing, render_photo
+from digitflow.inference.classifier import Classifier
+from digitflow.inference.preprocess import bytes_to_input
+from digitflow.training.default_model import ensure_default_model
 
 PER_CONDITION = 60
 

@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 from PIL import Image
 
 from digitflow.errors import ImageTooLarge, InvalidImage
-from digitflow.preprocess import DEFAULT_MAX_WORK_PIXELS, bytes_to_input, probe_image
+from digitflow.inference.preprocess import DEFAULT_MAX_WORK_PIXELS, bytes_to_input, probe_image
 from tests.support.image_floods import (
     dot_grid_png,
     gif_frame_flood,

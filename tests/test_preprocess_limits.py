@@ -9,7 +9,7 @@ import pytest
 from PIL import Image, ImageDraw
 
 from digitflow.errors import ImageTooLarge, InvalidImage
-from digitflow.preprocess import (
+from digitflow.inference.preprocess import (
     DEFAULT_MAX_WORK_PIXELS,
     MAX_FRAMES,
     ImageProbe,

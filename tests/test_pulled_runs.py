@@ -7,9 +7,9 @@ import threading
 import time
 from pathlib import Path
 
-from digitflow.pull import _sync_run
-from digitflow.pulled_runs import publish, run_lock
-from digitflow.run_layout import MANIFEST_NAME
+from digitflow.artifacts.pull import _sync_run
+from digitflow.artifacts.pulled_runs import publish, run_lock
+from digitflow.artifacts.run_layout import MANIFEST_NAME
 from tests.support.fake_sources import FlakySource, fake_files
 
 RUN = "e" * 32

@@ -25,11 +25,11 @@ import yaml
 
 from digitflow import paths
 from digitflow.errors import ModelNotFound
-from digitflow.inference import Classifier
-from digitflow.preprocess import bytes_to_input
+from digitflow.inference.classifier import Classifier
+from digitflow.inference.preprocess import bytes_to_input
 from digitflow.settings import StoreConfig
 from digitflow_fastapi.config import get_settings
-from digitflow_fastapi.ray_serve import ModelPin, pin_model, replica_settings
+from digitflow_fastapi.scale.ray_serve import ModelPin, pin_model, replica_settings
 from tests.support.artifact_stores import MlflowStack, StackRuns
 from tests.support.gunicorn_server import TrainedModel
 from tests.support.processes import ServerProcess, free_port, free_ports, start_process
@@ -270,7 +270,7 @@ def test_a_killed_replica_is_replaced_and_requests_keep_being_answered(
 def test_the_serve_deploy_config_is_valid_and_names_this_app_and_deployment() -> None:
     from ray.serve.schema import ServeDeploySchema
 
-    from digitflow_fastapi import ray_serve
+    from digitflow_fastapi.scale import ray_serve
 
     config = ServeDeploySchema.model_validate(yaml.safe_load(SERVE_CONFIG.read_text()))
     (app,) = config.applications

@@ -12,11 +12,11 @@ from pathlib import Path
 
 import pytest
 
+from digitflow.artifacts.refs import resolve_model
+from digitflow.artifacts.run_layout import MANIFEST_NAME
+from digitflow.artifacts.tracking import PROBE_PATH, probe_server
 from digitflow.errors import RunNotFound
-from digitflow.model_refs import resolve_model
-from digitflow.run_layout import MANIFEST_NAME
 from digitflow.settings import StoreConfig
-from digitflow.tracking import PROBE_PATH, probe_server
 
 Answer = Callable[[BaseHTTPRequestHandler], None]
 

@@ -56,7 +56,9 @@ def installed_venv(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def test_a_regular_install_imports_digitflow_from_its_own_site_packages(
     installed_venv: Path, tmp_path: Path
 ) -> None:
-    code = "import digitflow, digitflow_fastapi.gunicorn_conf as g, digitflow.paths as p; "
+    code = (
+        "import digitflow, digitflow.paths as p, digitflow_fastapi.lifecycle.gunicorn_conf as g; "
+    )
     code += "print(digitflow.__file__); print(p.DEFAULT_LOGGING_CONFIG.is_file())"
     out = subprocess.run(
         [str(installed_venv / "bin" / "python"), "-c", code],

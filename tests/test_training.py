@@ -11,10 +11,10 @@ import pytest
 import torch
 from mlflow.tracking import MlflowClient
 
-from digitflow.data import load_split
-from digitflow.default_model import ensure_default_model
-from digitflow.model import Net
-from digitflow.preprocess import bytes_to_input
+from digitflow.data.mnist import load_split
+from digitflow.inference.preprocess import bytes_to_input
+from digitflow.training.default_model import ensure_default_model
+from digitflow.training.net import Net
 from tests.support.processes import ServerProcess, free_port
 
 pytestmark = pytest.mark.slow  # starts real servers or trains a model

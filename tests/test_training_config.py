@@ -8,7 +8,7 @@ import pytest
 
 from digitflow.errors import ConfigError
 from digitflow.paths import DEFAULT_TRAIN_CONFIG
-from digitflow.training_config import TrainConfig, load_train_config
+from digitflow.training.config import TrainConfig, load_train_config
 
 
 def test_the_shipped_yaml_matches_the_dataclass_defaults() -> None:

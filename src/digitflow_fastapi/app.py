@@ -1,6 +1,6 @@
 """The FastAPI application factory: the model is loaded once per worker, in the lifespan.
 
-Which model is decided once (`digitflow.model_refs.resolve_served_model`): under gunicorn the
+Which model is decided once (`digitflow.artifacts.refs.resolve_served_model`): under gunicorn the
 master decides before forking and pins every worker to the same file (see `gunicorn_conf`);
 under plain uvicorn the single process decides itself.
 """
@@ -22,29 +22,29 @@ from typing import NoReturn
 
 from fastapi import FastAPI
 
+from digitflow.artifacts.refs import ServedModel, resolve_served_model
 from digitflow.errors import DigitflowError, SelfTestFailed
-from digitflow.inference import Classifier
+from digitflow.inference.classifier import Classifier
+from digitflow.inference.microbatch import MicroBatcher
+from digitflow.inference.selftest import SelfTestReport, load_checked_classifier, worker_threads
 from digitflow.logging_setup import configure_logging_from_file
-from digitflow.microbatch import MicroBatcher
-from digitflow.model_refs import ServedModel, resolve_served_model
-from digitflow.selftest import SelfTestReport, load_checked_classifier, worker_threads
 from digitflow.settings import read_core_settings
 from digitflow_fastapi import metrics
-from digitflow_fastapi.asgi import LeanFastAPI
 from digitflow_fastapi.config import Settings, get_settings
-from digitflow_fastapi.decoding import DecodeLimits, ImageDecoder
 from digitflow_fastapi.deps import ModelService
 from digitflow_fastapi.docs import declare_edge_in_schema, install_docs
-from digitflow_fastapi.edge import Edge
+from digitflow_fastapi.edge.asgi import LeanFastAPI
+from digitflow_fastapi.edge.checks import Edge
 from digitflow_fastapi.errors import install_error_handlers
 from digitflow_fastapi.health import router as health_router
-from digitflow_fastapi.mlflow_scoring import router as mlflow_router
-from digitflow_fastapi.model_swap import ModelFollower, desired_at_boot
-from digitflow_fastapi.page import install_page
+from digitflow_fastapi.lifecycle.model_swap import ModelFollower, desired_at_boot
+from digitflow_fastapi.protocols.decoding import DecodeLimits, ImageDecoder
+from digitflow_fastapi.protocols.mlflow_scoring import router as mlflow_router
+from digitflow_fastapi.protocols.page import install_page
+from digitflow_fastapi.protocols.v1 import router as model_router
+from digitflow_fastapi.protocols.v2.oip import router as oip_router
 from digitflow_fastapi.readiness import NOT_LOADED, Readiness
 from digitflow_fastapi.responses import OrjsonResponse
-from digitflow_fastapi.v1.routers.model import router as model_router
-from digitflow_fastapi.v2.oip import router as oip_router
 
 logger = logging.getLogger(__name__)
 

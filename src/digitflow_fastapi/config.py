@@ -25,19 +25,19 @@ from pydantic import (
 )
 
 from digitflow import paths
-from digitflow.digit_locator import DEFAULT_MAX_COMPONENTS
 from digitflow.errors import ConfigError
-from digitflow.image_structure import DEFAULT_MAX_SEGMENTS
-from digitflow.preprocess import DEFAULT_MAX_WORK_PIXELS
+from digitflow.inference.digit_locator import DEFAULT_MAX_COMPONENTS
+from digitflow.inference.image_structure import DEFAULT_MAX_SEGMENTS
+from digitflow.inference.preprocess import DEFAULT_MAX_WORK_PIXELS
 from digitflow.settings import ModelSettings, one_line
-from digitflow_fastapi.decoding import DEFAULT_INLINE_DECODE_BYTES
-from digitflow_fastapi.edge_settings import (
+from digitflow_fastapi.edge.settings import (
     RATE_LIMIT_PATTERN,
     check_api_keys,
     parse_origins,
     read_api_keys_file,
     split_api_keys,
 )
+from digitflow_fastapi.protocols.decoding import DEFAULT_INLINE_DECODE_BYTES
 
 
 class Settings(ModelSettings):
@@ -100,7 +100,7 @@ class Settings(ModelSettings):
         "parsed (a parsed `{}` costs 24× its JSON). Unset: room for MAX_FILES_PER_REQUEST images "
         "as `pixels` numbers, nested as [N,1,28,28].",
     )
-    # The ASGI edge (`digitflow_fastapi.edge`): request logs, API keys, CORS, rate limit.
+    # The ASGI edge (`digitflow_fastapi.edge.checks`): request logs, API keys, CORS, rate limit.
     REQUEST_LOG: bool = False  # measured: the line costs 5-8 % of req/s at c=64
     API_KEYS: SecretStr | None = None
     API_KEYS_FILE: Path | None = None

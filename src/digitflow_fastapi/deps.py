@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 from fastapi import Request
 
-from digitflow.microbatch import MicroBatcher
+from digitflow.inference.microbatch import MicroBatcher
 from digitflow_fastapi.config import Settings
 
 

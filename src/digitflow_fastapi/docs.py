@@ -14,8 +14,8 @@ from fastapi.openapi.docs import get_redoc_html, get_swagger_ui_html
 from fastapi.responses import HTMLResponse
 from fastapi.staticfiles import StaticFiles
 
-from digitflow_fastapi.edge import Edge
-from digitflow_fastapi.routing import OPEN_ROUTES
+from digitflow_fastapi.edge.checks import Edge
+from digitflow_fastapi.edge.routing import OPEN_ROUTES
 
 ASSETS_PATH = "/docs-assets"
 

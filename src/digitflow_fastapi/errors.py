@@ -12,8 +12,8 @@ from starlette.requests import ClientDisconnect
 from starlette.responses import Response
 
 from digitflow.errors import ImageTooLarge, InvalidImage, UnsupportedImageFormat
+from digitflow_fastapi.protocols.v2.errors import is_oip_path, oip_http_error
 from digitflow_fastapi.responses import OrjsonResponse
-from digitflow_fastapi.v2.errors import is_oip_path, oip_http_error
 
 logger = logging.getLogger(__name__)
 

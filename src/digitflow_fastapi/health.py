@@ -5,7 +5,7 @@ from __future__ import annotations
 from fastapi import APIRouter, Request, Response
 
 from digitflow_fastapi import metrics
-from digitflow_fastapi.access import KeyChecker, presented_key
+from digitflow_fastapi.edge.keys import KeyChecker, presented_key
 from digitflow_fastapi.readiness import Readiness
 from digitflow_fastapi.responses import OrjsonResponse
 from digitflow_fastapi.schemas import HealthStatus, ReadyStatus

@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Any
 from digitflow.atomic import write_text_atomically
 
 if TYPE_CHECKING:
-    from digitflow.inference import Prediction
+    from digitflow.inference.classifier import Prediction
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 LATENCY_BUCKETS = (0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0)

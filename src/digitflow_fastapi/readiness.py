@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 from typing import Any, Literal
 
-from digitflow.selftest import SelfTestReport
+from digitflow.inference.selftest import SelfTestReport
 
 
 @dataclass(frozen=True)

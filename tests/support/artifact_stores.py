@@ -26,9 +26,9 @@ import pytest
 import requests
 from mlflow.tracking import MlflowClient
 
-from digitflow.tracking import TrackingTarget
-from digitflow.training_config import load_train_config
-from digitflow.training_run import run_training
+from digitflow.artifacts.tracking import TrackingTarget
+from digitflow.training.config import load_train_config
+from digitflow.training.run import run_training
 from tests.support.mlflow_server import basic_auth_env, launch_mlflow_server
 from tests.support.processes import ServerProcess, stop_process, wait_for_http
 from tests.support.seaweedfs import S3Server, launch_seaweedfs, wait_until_writable

@@ -6,7 +6,7 @@ import threading
 import time
 from typing import Any, BinaryIO
 
-from digitflow.artifact_sources import RemoteFile, TransientError
+from digitflow.artifacts.sources import RemoteFile, TransientError
 from digitflow.errors import StorageUnavailable
 
 

@@ -33,9 +33,9 @@ class TrainedModel:
 @pytest.fixture(scope="session")
 def trained_model(data_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> TrainedModel:
     """A 2-epoch model with 20 golden images, trained once per session (~10 s)."""
-    from digitflow.tracking import embedded_target
-    from digitflow.training_config import load_train_config
-    from digitflow.training_run import run_training
+    from digitflow.artifacts.tracking import embedded_target
+    from digitflow.training.config import load_train_config
+    from digitflow.training.run import run_training
 
     target = embedded_target(tmp_path_factory.mktemp("serve-mlruns") / "mlruns")
     config = load_train_config(None, ["epochs=2", "golden_count=20"])

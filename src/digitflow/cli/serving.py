@@ -1,0 +1,174 @@
+"""CLI commands for serving (`digitflow serve`) and batch prediction (`digitflow predict`)."""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from pathlib import Path
+from typing import Annotated, Literal
+
+import typer
+
+from digitflow import paths
+from digitflow.artifacts.refs import ServedModel, resolve_served_model
+from digitflow.cli.common import handle_errors
+from digitflow.inference.selftest import SelfTestReport, load_checked_classifier
+from digitflow.logging_setup import configure_cli_logging
+from digitflow.settings import CoreSettings, read_core_settings
+from digitflow.training.default_model import ensure_default_model
+
+logger = logging.getLogger(__name__)
+
+
+GUNICORN_CONFIG = "python:digitflow_fastapi.lifecycle.gunicorn_conf"
+APP_IMPORT_STRING = "digitflow_fastapi.main:APP"
+RAY_MODULE = "digitflow_fastapi.scale.ray_serve"
+Engine = Literal["gunicorn", "ray"]
+
+
+def default_workers() -> int:
+    """Worker processes for this machine: one per core, at least one."""
+    return max(1, os.cpu_count() or 1)
+
+
+def gunicorn_argv(host: str, port: int, workers: int) -> list[str]:
+    """The gunicorn command `digitflow serve` runs: the package's config, uvicorn workers.
+
+    Run as `python -P -m gunicorn` with this interpreter, so no script needs to be on PATH and
+    the working folder is not searched first for the modules gunicorn imports at start.
+    """
+    return [
+        sys.executable,
+        "-P",
+        "-m",
+        "gunicorn",
+        APP_IMPORT_STRING,
+        "-c",
+        GUNICORN_CONFIG,
+        "-b",
+        f"{host}:{port}",
+        "-w",
+        str(workers),
+        "-k",
+        "uvicorn_worker.UvicornWorker",
+    ]
+
+
+def choose_served_model(
+    settings: CoreSettings, data_dir: Path, mlruns_dir: Path
+) -> tuple[ServedModel, SelfTestReport]:
+    """The configured model (or the default one, trained on first use), loaded and self-tested
+    here once so a bad checkpoint or a golden mismatch fails loudly, non-zero, before serving."""
+    model_path, model_uuid = settings.PRED_MODEL_PATH, settings.PRED_MODEL_UUID or None
+    if not settings.model_configured:
+        default = ensure_default_model(paths.DEFAULT_TRAIN_CONFIG, data_dir, mlruns_dir)
+        model_path, model_uuid = default.model_path, model_uuid or default.run_id
+    served = resolve_served_model(
+        model_path,
+        settings.PRED_MODEL_URI,
+        model_uuid,
+        settings.PRED_MODELS_DIR,
+        settings.store(mlruns_dir),
+    )
+    _, report = load_checked_classifier(
+        served.model_path,
+        backend=settings.INFERENCE_BACKEND,
+        use_cuda=settings.USE_CUDA,
+        use_mps=settings.USE_MPS,
+        cache_dir=settings.cache_dir(),
+    )
+    return served, report
+
+
+@handle_errors
+def serve_command(
+    host: Annotated[str, typer.Option("--host")] = "0.0.0.0",
+    port: Annotated[
+        int | None, typer.Option("--port", min=1, max=65535, help="Default: PORT, else 8080.")
+    ] = None,
+    workers: Annotated[
+        int,
+        typer.Option(
+            "--workers", min=0, help="Worker processes (0: WEB_CONCURRENCY, else one per core)"
+        ),
+    ] = 0,
+    data_dir: Annotated[Path, typer.Option("--data-dir")] = paths.DEFAULT_DATA_DIR,
+    mlruns_dir: Annotated[Path, typer.Option("--mlruns-dir")] = paths.DEFAULT_MLRUNS_DIR,
+    engine: Annotated[
+        Engine, typer.Option("--engine", help="gunicorn (this machine) or ray (Ray Serve)")
+    ] = "gunicorn",
+    replicas: Annotated[
+        int, typer.Option("--replicas", min=1, help="Ray Serve replicas (--engine ray)")
+    ] = 1,
+) -> None:
+    """Serve the REST API with gunicorn + uvicorn workers (the default model if none is set)."""
+    configure_cli_logging()
+    settings = read_core_settings()
+    served, report = choose_served_model(settings, data_dir, mlruns_dir)
+    n_workers = workers or settings.WEB_CONCURRENCY or default_workers()
+    port = port or settings.PORT
+    os.environ["WEB_CONCURRENCY"] = str(n_workers)
+    if settings.PRED_MODEL_PATH is not None or not settings.PRED_MODEL_URI:
+        os.environ.update(PRED_MODEL_PATH=str(served.model_path), PRED_MODEL_UUID=served.model_uuid)
+    # else PRED_MODEL_URI stays the configured reference (its run is pulled now), so SIGHUP and
+    # MODEL_POLL_SECONDS re-resolve it in the server
+    argv = gunicorn_argv(host, port, n_workers)
+    scale = f"{n_workers} workers"
+    if engine == "ray":  # by module name: the core never imports the web layer
+        argv = [sys.executable, "-m", RAY_MODULE, "--host", host, "--port", str(port)]
+        argv, scale = [*argv, "--replicas", str(replicas)], f"{replicas} Ray Serve replicas"
+    typer.echo(
+        f"serving model {served.model_uuid or '(no uuid)'} on http://{host}:{port} with "
+        f"{scale} ({report.golden_checked} golden images reproduced)"
+    )
+    sys.stdout.flush()
+    os.execv(argv[0], argv)
+
+
+@handle_errors
+def predict_command(
+    inputs: Annotated[list[Path], typer.Argument(help="Image files or folders")],
+    model_path: Annotated[
+        Path | None, typer.Option("--model-path", help="Checkpoint (default: PRED_MODEL_PATH)")
+    ] = None,
+    output: Annotated[
+        Path | None, typer.Option("--output", "-o", help="JSON Lines file (default: stdout)")
+    ] = None,
+    progress: Annotated[bool, typer.Option("--progress/--no-progress")] = True,
+    backend: Annotated[
+        str | None,
+        typer.Option(
+            "--backend", help="Inference engine: onnx or torch (default: INFERENCE_BACKEND)"
+        ),
+    ] = None,
+    data_dir: Annotated[Path, typer.Option("--data-dir")] = paths.DEFAULT_DATA_DIR,
+    mlruns_dir: Annotated[Path, typer.Option("--mlruns-dir")] = paths.DEFAULT_MLRUNS_DIR,
+) -> None:
+    """Predict the digit of every image: one JSON line (time, image_filepath, prediction) each."""
+    configure_cli_logging()
+    from digitflow.inference.batch_predict import predict_files
+    from digitflow.inference.classifier import Classifier
+
+    settings = read_core_settings()
+    model_path = model_path or settings.PRED_MODEL_PATH
+    if model_path is None:
+        model_path = ensure_default_model(
+            paths.DEFAULT_TRAIN_CONFIG, data_dir, mlruns_dir
+        ).model_path
+    classifier = Classifier.from_checkpoint(
+        model_path, backend=backend or settings.INFERENCE_BACKEND, cache_dir=settings.cache_dir()
+    )
+    if output is None:
+        failures = predict_files(classifier, inputs, sys.stdout, progress=progress)
+    else:
+        with output.open("w", encoding="utf-8") as out:
+            failures = predict_files(classifier, inputs, out, progress=progress)
+    if failures:
+        raise typer.Exit(1)
+
+
+def register(app: typer.Typer) -> None:
+    """Add the serving commands to `app`."""
+    app.command("serve")(serve_command)
+    app.command("predict")(predict_command)

@@ -1,0 +1,280 @@
+"""THE image transform, shared by training, serving and batch prediction.
+
+Bytes are recognised by their signature (never by a client's name or content type), probed from
+the header by the one Pillow plugin that signature names, refused there when they declare too many
+pixels or frames, decoded (first frame only; a big JPEG at reduced DCT scale; EXIF orientation
+honoured), and turned into the model's 28×28 float input in [0, 1]:
+
+* an MNIST-format image (28×28, light digit on a dark background) passes through unchanged,
+  exactly as the training PNGs do;
+* anything else (a phone photo, a scan, a canvas drawing; any size, mode or bit depth) is reduced
+  to grayscale of at most `WORK_SIDE` px a side and handed to `digit_locator`, which finds the
+  digit and lays it out the MNIST way.
+"""
+
+from __future__ import annotations
+
+import io
+import warnings
+from dataclasses import dataclass
+from typing import Final
+
+import cv2
+import numpy as np
+import numpy.typing as npt
+from PIL import Image, ImageOps
+
+from digitflow.errors import ImageTooLarge, InvalidImage, UnsupportedImageFormat
+from digitflow.inference.digit_locator import DEFAULT_MAX_COMPONENTS, locate_digit
+from digitflow.inference.image_structure import (
+    DEFAULT_MAX_SEGMENTS,
+    check_jpeg,
+    check_png,
+    count_gif_frames,
+)
+
+MNIST_SIZE: Final = 28
+DEFAULT_MAX_IMAGE_PIXELS: Final = 4096 * 4096
+# What the decoder may materialise for one image, in pixels (see `ImageProbe.work_pixels`): a
+# digit needs a few hundred pixels a side, and this bounds one decode to ~20 MiB and ~50 ms.
+DEFAULT_MAX_WORK_PIXELS: Final = 4 * 1024 * 1024
+# Only the first frame is decoded; a file declaring more frames than this is refused (a GIF's
+# are counted up to one past it, not to the end).
+MAX_FRAMES: Final = 100
+# Images are reduced to at most this many pixels a side before the digit is searched for.
+WORK_SIDE: Final = 512
+# JPEGs larger than twice that are decoded at 1/2–1/8 scale (DCT scaling: cheap, no full decode).
+_DRAFT_ABOVE: Final = 2 * WORK_SIDE
+
+ALLOWED_FORMATS: Final = ("PNG", "JPEG", "WEBP", "BMP", "GIF")
+
+_KNOWN_REFUSED: Final = (
+    (b"II*\x00", "TIFF"),
+    (b"MM\x00*", "TIFF"),
+    (b"8BPS", "PSD"),
+    (b"%PDF", "PDF"),
+    (b"%!PS", "EPS"),
+    (b"\xc5\xd0\xd3\xc6", "EPS"),
+    (b"\x00\x00\x01\x00", "ICO"),
+    (b"<svg", "SVG"),
+    (b"<?xml", "SVG/XML"),
+)
+_DECODE_ERRORS: Final = (OSError, SyntaxError, ValueError, EOFError, IndexError, TypeError)
+_SIXTEEN_BIT: Final = ("I;16", "I;16L", "I;16B", "I;16N")
+
+FloatArray = npt.NDArray[np.float32]
+UInt8Array = npt.NDArray[np.uint8]
+
+
+@dataclass(frozen=True)
+class ImageProbe:
+    """What an image's header declares, read without decoding any pixel data.
+
+    `work_pixels` is the decode cost in pixels: the size the decoder will actually fill (a big
+    JPEG is decoded at reduced DCT scale), times 3 for WebP (libwebp's animation decoder keeps two
+    canvases beside the image). Decide inline vs. worker thread, and budget memory, by it.
+    """
+
+    format: str
+    width: int
+    height: int
+    frames: int
+    mode: str
+    work_pixels: int
+
+    @property
+    def pixels(self) -> int:
+        """Declared width × height (what `max_pixels` limits)."""
+        return self.width * self.height
+
+
+def sniff_format(data: bytes) -> str:
+    """Name the allow-listed format of `data` from its leading bytes, or raise."""
+    if not data:
+        raise InvalidImage("the file is empty")
+    if data.startswith(b"\x89PNG\r\n\x1a\n"):
+        return "PNG"
+    if data.startswith(b"\xff\xd8\xff"):
+        return "JPEG"
+    if data[:4] == b"RIFF" and data[8:12] == b"WEBP":
+        return "WEBP"
+    if data.startswith((b"GIF87a", b"GIF89a")):
+        return "GIF"
+    if data.startswith(b"BM") and len(data) >= 26:
+        return "BMP"
+    for signature, name in _KNOWN_REFUSED:
+        if data.startswith(signature):
+            raise UnsupportedImageFormat(
+                f"{name} images are not accepted; send PNG, JPEG, WebP, BMP or GIF"
+            )
+    raise UnsupportedImageFormat("not a supported image; send PNG, JPEG, WebP, BMP or GIF")
+
+
+def _walk_structure(data: bytes, fmt: str, max_segments: int) -> int | None:
+    """Refuse chunk, marker and frame floods before Pillow parses them (`image_structure`);
+    a GIF's frame count (Pillow would count them all), else None."""
+    if fmt == "PNG":
+        check_png(data, max_segments)
+    elif fmt == "JPEG":
+        check_jpeg(data, max_segments)
+    elif fmt == "GIF":
+        return count_gif_frames(data, max_segments, MAX_FRAMES)
+    return None
+
+
+def _open(data: bytes, fmt: str, max_segments: int) -> tuple[Image.Image, ImageProbe]:
+    """Open `data` lazily (header only), set a JPEG's decoder to luminance (a big one at reduced
+    DCT scale), and probe it. Callers turn Pillow's exceptions into ours (`_refusal`)."""
+    gif_frames = _walk_structure(data, fmt, max_segments)
+    image = Image.open(io.BytesIO(data), formats=[fmt])
+    width, height = image.size
+    if width <= 0 or height <= 0:
+        raise InvalidImage(f"the {fmt} header declares an empty image")
+    frames = gif_frames or int(getattr(image, "n_frames", 1))
+    if fmt == "JPEG":
+        big = max(width, height) > _DRAFT_ABOVE
+        image.draft("L", (WORK_SIDE, WORK_SIDE) if big else None)
+    work_w, work_h = image.size
+    work = work_w * work_h * (3 if fmt == "WEBP" else 1)
+    return image, ImageProbe(fmt, width, height, frames, image.mode, work)
+
+
+def _refusal(fmt: str, exc: BaseException) -> InvalidImage:
+    if isinstance(exc, (Image.DecompressionBombError, Image.DecompressionBombWarning)):
+        return ImageTooLarge(f"the image declares too many pixels: {exc}")
+    return InvalidImage(f"the {fmt} data is truncated or corrupt ({type(exc).__name__})")
+
+
+_BOMB: Final = (Image.DecompressionBombError, Image.DecompressionBombWarning)
+
+
+def probe_image(data: bytes, max_segments: int = DEFAULT_MAX_SEGMENTS) -> ImageProbe:
+    """Format, size, frame count and decode cost of `data`, from its header; raises InvalidImage.
+
+    Its cost grows with the file's structure, up to `max_segments` chunks or markers: probe a
+    large file off the event loop."""
+    fmt = sniff_format(data)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            image, probe = _open(data, fmt, max_segments)
+            image.close()
+    except (*_BOMB, *_DECODE_ERRORS) as exc:
+        raise _refusal(fmt, exc) from None
+    return probe
+
+
+def check_limits(probe: ImageProbe, max_pixels: int, max_work_pixels: int) -> None:
+    """Raise ImageTooLarge when `probe` declares more than the limits allow."""
+    if probe.pixels > max_pixels:
+        raise ImageTooLarge(
+            f"the image is {probe.width}×{probe.height} = {probe.pixels} pixels; "
+            f"the limit is {max_pixels}"
+        )
+    if probe.work_pixels > max_work_pixels:
+        raise ImageTooLarge(
+            f"the {probe.format} image is {probe.width}×{probe.height}: decoding it would fill "
+            f"{probe.work_pixels} pixels; the limit is {max_work_pixels} (send a smaller image "
+            "or a JPEG)"
+        )
+    if probe.frames > MAX_FRAMES:
+        raise ImageTooLarge(
+            f"the image has more than {MAX_FRAMES} frames; the limit is {MAX_FRAMES}"
+        )
+
+
+def decode_image(
+    data: bytes,
+    max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS,
+    max_work_pixels: int = DEFAULT_MAX_WORK_PIXELS,
+    max_segments: int = DEFAULT_MAX_SEGMENTS,
+) -> Image.Image:
+    """Decode the first frame of `data`, upright; refuse bombs from the header, before decoding."""
+    fmt = sniff_format(data)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            image, probe = _open(data, fmt, max_segments)
+            check_limits(probe, max_pixels, max_work_pixels)
+            if probe.frames > 1:
+                image.seek(0)
+            image.load()
+            if "exif" in image.info and image.getexif().get(0x0112, 1) != 1:
+                image = ImageOps.exif_transpose(image)
+    except (*_BOMB, *_DECODE_ERRORS) as exc:
+        raise _refusal(fmt, exc) from None
+    return image
+
+
+def to_gray_u8(image: Image.Image) -> UInt8Array:
+    """Any mode → H×W uint8 luminance; transparency laid over white; 16/32-bit scaled to 8-bit."""
+    mode = image.mode
+    if mode in _SIXTEEN_BIT or mode == "I":
+        wide = np.asarray(image)
+        if mode == "I" and int(wide.max(initial=0)) <= 255:
+            return np.asarray(np.clip(wide, 0, 255), dtype=np.uint8)
+        return np.asarray(np.clip(wide, 0, 65535) >> 8, dtype=np.uint8)
+    if mode == "F":
+        real = np.nan_to_num(np.asarray(image, dtype=np.float32))
+        top = 255.0 if float(real.max(initial=0)) > 1.0 else 1.0
+        return np.asarray(np.clip(real * (255.0 / top), 0, 255), dtype=np.uint8)
+    if mode in ("RGBA", "LA", "PA", "La", "RGBa") or "transparency" in image.info:
+        rgba = image.convert("RGBA")
+        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        image = Image.alpha_composite(white, rgba)
+    if image.mode != "L":
+        image = image.convert("L")
+    return np.asarray(image, dtype=np.uint8)
+
+
+def _border_mean(arr: FloatArray) -> float:
+    border = np.concatenate([arr[0], arr[-1], arr[:, 0], arr[:, -1]])
+    return float(border.mean())
+
+
+def is_mnist_format(arr: FloatArray) -> bool:
+    """28×28 with a dark background: the training data's own form."""
+    return arr.shape == (MNIST_SIZE, MNIST_SIZE) and _border_mean(arr) < 0.5
+
+
+def shrink_for_work(gray: UInt8Array) -> UInt8Array:
+    """Reduce (area-average) to at most `WORK_SIDE` px a side; smaller images as they are."""
+    height, width = gray.shape
+    side = max(height, width)
+    if side <= WORK_SIDE:
+        return gray
+    scale = WORK_SIDE / side
+    size = (max(1, round(width * scale)), max(1, round(height * scale)))
+    return np.asarray(cv2.resize(gray, size, interpolation=cv2.INTER_AREA), dtype=np.uint8)
+
+
+def image_to_input(image: Image.Image, max_components: int = DEFAULT_MAX_COMPONENTS) -> FloatArray:
+    """A decoded image → the model's 28×28 float32 input in [0, 1]."""
+    if image.size == (MNIST_SIZE, MNIST_SIZE) and image.mode == "L":
+        # tobytes + frombuffer: cheaper than NumPy's array-interface path for a tiny image.
+        pixels = np.frombuffer(image.tobytes(), dtype=np.uint8).reshape(MNIST_SIZE, MNIST_SIZE)
+        arr = pixels.astype(np.float32) / np.float32(255.0)
+        if is_mnist_format(arr):
+            return arr  # the training data's own form, exactly as training reads it
+    gray = to_gray_u8(image)
+    if gray.shape == (MNIST_SIZE, MNIST_SIZE):
+        arr = gray.astype(np.float32) / np.float32(255.0)
+        if is_mnist_format(arr):
+            return arr
+    return locate_digit(shrink_for_work(gray), max_components)
+
+
+def bytes_to_input(
+    data: bytes,
+    max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS,
+    max_work_pixels: int = DEFAULT_MAX_WORK_PIXELS,
+    max_segments: int = DEFAULT_MAX_SEGMENTS,
+    max_components: int = DEFAULT_MAX_COMPONENTS,
+) -> FloatArray:
+    """Bytes of an allow-listed image → the model's 28×28 float32 input; raises InvalidImage.
+
+    `max_segments` bounds the file's structure (`image_structure`), `max_components` the digit
+    locator's work (past it the image reads as one without a digit)."""
+    return image_to_input(
+        decode_image(data, max_pixels, max_work_pixels, max_segments), max_components
+    )

@@ -1,0 +1,167 @@
+"""The per-server model state folder: which model every worker should serve, and what was refused.
+
+The gunicorn master makes the folder (`DIGITFLOW_MODEL_STATE_DIR`) and writes the model it
+resolved at start as generation 0. A swap (`SIGHUP`, or a moved registry alias) is verified
+outside the workers by `digitflow_fastapi.lifecycle.model_keeper`, which writes the next
+generation only once the new model loaded and reproduced its golden answers, or a refusal record
+otherwise. Workers only read: they poll `desired.json` and switch when its generation grows, and a
+worker that (re)boots serves the newest generation, not the start-up model.
+
+Files, each replaced atomically (a reader sees the old or the new one, never half):
+- `source.json`: the model reference as configured (the master overwrites `PRED_MODEL_PATH`
+  and `PRED_MODEL_UUID` in its environment, so a swap must not read them from there);
+- `desired.json`: generation, model uuid, run id, checkpoint path, its SHA-256;
+- `refusals.json`: how many swaps were refused, the last one, and the candidates refused.
+
+This module is torch-free: the master imports it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from digitflow.artifacts.run_layout import golden_path, is_run_id
+from digitflow.atomic import write_text_atomically
+
+SOURCE_FILE = "source.json"
+DESIRED_FILE = "desired.json"
+REFUSALS_FILE = "refusals.json"
+LOCK_FILE = "swap.lock"
+SNAPSHOTS_DIR = "snapshots"
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    """The model reference as configured at start: what a swap resolves again."""
+
+    model_path: str | None
+    model_uri: str | None
+    model_uuid: str | None
+
+
+@dataclass(frozen=True)
+class DesiredModel:
+    """One generation of the served model: every worker converges on the newest."""
+
+    generation: int
+    model_uuid: str
+    model_path: str
+    sha256: str
+    run_id: str | None = None
+    reason: str = "start"
+    origin: str | None = None  # the file it was copied from, when given by path
+
+
+@dataclass
+class Refusals:
+    """Swaps refused so far; `candidates` (run ids or SHA-256s) are not retried by the poller."""
+
+    count: int = 0
+    last: dict[str, str] | None = None
+    candidates: list[str] = field(default_factory=list)
+
+
+def file_sha256(path: Path) -> str:
+    """Hex SHA-256 of a file's bytes."""
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def run_id_in_path(path: Path) -> str | None:
+    """The run UUID of a `<run uuid>/...` folder the checkpoint sits in, if any."""
+    return next((p.name for p in path.absolute().parents if is_run_id(p.name)), None)
+
+
+def _read_json(path: Path) -> dict[str, Any] | None:
+    try:
+        payload = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return payload if isinstance(payload, dict) else None
+
+
+def _write_json(path: Path, payload: dict[str, Any]) -> None:
+    write_text_atomically(path, json.dumps(payload), durable=False)
+
+
+def write_source(folder: Path, source: ModelSource) -> None:
+    _write_json(folder / SOURCE_FILE, asdict(source))
+
+
+def read_source(folder: Path) -> ModelSource | None:
+    payload = _read_json(folder / SOURCE_FILE)
+    if payload is None:
+        return None
+    return ModelSource(
+        payload.get("model_path"), payload.get("model_uri"), payload.get("model_uuid")
+    )
+
+
+def write_desired(folder: Path, desired: DesiredModel) -> None:
+    _write_json(folder / DESIRED_FILE, asdict(desired))
+
+
+def read_desired(folder: Path) -> DesiredModel | None:
+    """The newest generation, or None when there is none (or it cannot be read)."""
+    payload = _read_json(folder / DESIRED_FILE)
+    try:
+        return DesiredModel(**payload) if payload is not None else None
+    except TypeError:
+        return None
+
+
+def read_refusals(folder: Path) -> Refusals:
+    payload = _read_json(folder / REFUSALS_FILE) or {}
+    try:
+        return Refusals(**payload)
+    except TypeError:
+        return Refusals()
+
+
+def record_refusal(folder: Path, candidate: str, model_uuid: str, reason: str) -> Refusals:
+    """Count one refused swap and remember its candidate (a run id or a SHA-256)."""
+    refusals = read_refusals(folder)
+    refusals.count += 1
+    refusals.last = {
+        "model_uuid": model_uuid,
+        "reason": reason[:500],
+        "at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }
+    if candidate not in refusals.candidates:
+        refusals.candidates = [*refusals.candidates, candidate][-100:]
+    _write_json(folder / REFUSALS_FILE, asdict(refusals))
+    return refusals
+
+
+def snapshot_checkpoint(folder: Path, checkpoint: Path) -> tuple[Path, str]:
+    """Copy a checkpoint given by path (and its golden file) into the state folder.
+
+    A file given by path can be replaced or corrupted later; workers (respawned ones too) load
+    the copy that was verified, named by the digests of both. Returns the copy and the
+    checkpoint's SHA-256.
+    """
+    staging = folder / SNAPSHOTS_DIR / f".staging-{time.time_ns()}"
+    staging.mkdir(parents=True)
+    copy = staging / checkpoint.name  # messages about the copy still name the file
+    shutil.copyfile(checkpoint, copy)
+    golden = golden_path(checkpoint)
+    if golden.is_file():
+        shutil.copyfile(golden, golden_path(copy))
+    digest = file_sha256(copy)
+    golden_digest = file_sha256(golden_path(copy)) if golden.is_file() else ""
+    name = hashlib.sha256(f"{digest}:{golden_digest}".encode()).hexdigest()[:32]
+    target = folder / SNAPSHOTS_DIR / name
+    if target.is_dir():
+        shutil.rmtree(staging, ignore_errors=True)
+    else:
+        staging.rename(target)
+    return target / checkpoint.name, digest
