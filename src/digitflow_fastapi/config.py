@@ -80,7 +80,7 @@ class Settings(ModelSettings):
     MAX_IN_FLIGHT_PER_WORKER: PositiveInt = 128
     # Request-body bytes one worker holds at once, over all its requests (`body_budget`): a
     # chunk past it gets 503 + Retry-After. 2 workers x (128 MiB + ~250 MiB baseline) fit the
-    # 1 GiB pod of deploy/k8s with room for parsing (tests/test_k8s_manifests.py checks).
+    # 1 GiB pod of deploy/k8s with room for parsing (tests/e2e/deploy/test_k8s_manifests.py checks).
     MAX_BUFFERED_BODY_BYTES_PER_WORKER: PositiveInt = 128 * 1024 * 1024
     REUSE_PORT: bool = True
     RAY_ADDRESS: str | None = None  # `digitflow serve --engine ray`: join this cluster

@@ -20,7 +20,7 @@ from fastapi import FastAPI
 from digitflow_fastapi.app import create_app
 from digitflow_fastapi.config import Settings
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
+REPO_ROOT = Path(__file__).resolve().parents[3]
 K8S_DIR = REPO_ROOT / "deploy" / "k8s"
 KUSTOMIZATION = K8S_DIR / "kustomization.yaml"
 VALIDATOR = Path(sys.executable).parent / "kubernetes-validate"

@@ -1,6 +1,6 @@
 """Reading a v2 infer request before the model: the JSON value count and the binary header length.
 
-Units (no server): the same checks run on the server in tests/test_oip.py.
+Units (no server): the same checks run on the server in tests/e2e/protocols/test_oip.py.
 """
 
 from __future__ import annotations

@@ -15,7 +15,7 @@ from tests.support.processes import free_port, running, start_process
 
 pytestmark = pytest.mark.slow  # starts real servers or trains a model
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[3]
 
 
 @pytest.fixture(scope="module")
