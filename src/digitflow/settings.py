@@ -19,6 +19,8 @@ from digitflow import paths
 from digitflow.errors import ConfigError
 
 DEFAULT_TIMEOUT = 10.0
+DEFAULT_EXPERIMENT = "digitflow"  # the MLflow experiment runs are logged to and listed from
+DEFAULT_PULL_WORKERS = 4  # parallel downloads of one run's files
 Backend = Literal["onnx", "torch"]
 
 

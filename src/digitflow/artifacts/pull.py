@@ -44,11 +44,10 @@ from digitflow.errors import (
     ArtifactNotFound,
     UnsupportedArtifactLocation,
 )
-from digitflow.settings import StoreConfig
+from digitflow.settings import DEFAULT_PULL_WORKERS, StoreConfig
 
 logger = logging.getLogger(__name__)
 
-DEFAULT_WORKERS = 4
 RETRY_ATTEMPTS = 3
 RETRY_BACKOFF = 0.5
 
@@ -117,7 +116,7 @@ def artifact_source(artifact_uri: str, store: StoreConfig, workers: int) -> Arti
 def list_run_artifacts(run_id: str, store: StoreConfig) -> RunArtifacts:
     """Every file under the run's artifact root, recursively, with sizes."""
     artifact_uri = Tracking(store).run_artifact_uri(run_id)
-    files = artifact_source(artifact_uri, store, DEFAULT_WORKERS).list_files()
+    files = artifact_source(artifact_uri, store, DEFAULT_PULL_WORKERS).list_files()
     return RunArtifacts(run_id, artifact_uri, sorted(files, key=lambda f: f.path))
 
 
@@ -329,7 +328,7 @@ def pull_run_artifacts(
     run_id: str,
     dest: Path,
     store: StoreConfig,
-    workers: int = DEFAULT_WORKERS,
+    workers: int = DEFAULT_PULL_WORKERS,
     progress: bool = False,
     tracking: Tracking | None = None,
 ) -> PullResult:

@@ -37,11 +37,10 @@ from digitflow.errors import (
     TrackingAuthError,
     TrackingUnavailable,
 )
-from digitflow.settings import StoreConfig, is_remote_uri
+from digitflow.settings import DEFAULT_EXPERIMENT, StoreConfig, is_remote_uri
 
 logger = logging.getLogger(__name__)
 
-DEFAULT_EXPERIMENT = "digitflow"
 PROBE_PATH = "/api/2.0/mlflow/experiments/search?max_results=1"
 
 

@@ -3,6 +3,7 @@
 Each command reads MLflow's and AWS's usual environment variables once (`settings.CoreSettings`);
 `--tracking-uri`, `--s3-endpoint-url` and `--timeout` override them. `pull` writes the two export
 lines to stdout (so `eval "$(digitflow pull ...)"` works) and its progress and summary to stderr.
+MLflow and boto3 are imported inside the commands, so `--help` stays quick.
 """
 
 from __future__ import annotations
@@ -15,11 +16,14 @@ from typing import Annotated
 import typer
 
 from digitflow import paths
-from digitflow.artifacts.pull import DEFAULT_WORKERS, list_run_artifacts, pull_run_artifacts
-from digitflow.artifacts.refs import resolve_run_id
-from digitflow.artifacts.tracking import DEFAULT_EXPERIMENT, Tracking, list_experiments, list_runs
 from digitflow.cli.common import handle_errors
-from digitflow.settings import DEFAULT_TIMEOUT, StoreConfig, read_core_settings
+from digitflow.settings import (
+    DEFAULT_EXPERIMENT,
+    DEFAULT_PULL_WORKERS,
+    DEFAULT_TIMEOUT,
+    StoreConfig,
+    read_core_settings,
+)
 
 
 class Shell(StrEnum):
@@ -94,6 +98,8 @@ def experiments_command(
     timeout: Timeout = DEFAULT_TIMEOUT,
 ) -> None:
     """List experiments and their artifact locations."""
+    from digitflow.artifacts.tracking import list_experiments
+
     store = store_config(tracking_uri, None, mlruns_dir, timeout)
     found = list_experiments(store)
     width = max([len(e.name) for e in found] + [10])
@@ -116,6 +122,8 @@ def runs_command(
     timeout: Timeout = DEFAULT_TIMEOUT,
 ) -> None:
     """List an experiment's runs, newest first, with their test metrics."""
+    from digitflow.artifacts.tracking import list_runs
+
     store = store_config(tracking_uri, None, mlruns_dir, timeout)
     info, runs = list_runs(store, experiment, max_results)
     typer.echo(f"experiment {info.name} (id {info.experiment_id}): {info.artifact_location}")
@@ -142,6 +150,9 @@ def artifacts_command(
     timeout: Timeout = DEFAULT_TIMEOUT,
 ) -> None:
     """List a run's artifacts recursively with sizes (like `aws s3 ls --recursive`)."""
+    from digitflow.artifacts.pull import list_run_artifacts
+    from digitflow.artifacts.refs import resolve_run_id
+
     store = store_config(tracking_uri, s3_endpoint_url, mlruns_dir, timeout)
     run_id = resolve_run_id(run, store)
     listing = list_run_artifacts(run_id, store)
@@ -163,7 +174,7 @@ def pull_command(
     ] = Shell.bash,
     workers: Annotated[
         int, typer.Option("--workers", min=1, max=32, help="Parallel downloads.")
-    ] = DEFAULT_WORKERS,
+    ] = DEFAULT_PULL_WORKERS,
     progress: Annotated[
         bool, typer.Option("--progress/--no-progress", help="Show a progress bar.")
     ] = True,
@@ -173,6 +184,10 @@ def pull_command(
     timeout: Timeout = DEFAULT_TIMEOUT,
 ) -> None:
     """Download a run's artifacts into DEST/<run uuid>/artifacts/ and print the exports."""
+    from digitflow.artifacts.pull import pull_run_artifacts
+    from digitflow.artifacts.refs import resolve_run_id
+    from digitflow.artifacts.tracking import Tracking
+
     store = store_config(tracking_uri, s3_endpoint_url, mlruns_dir, timeout)
     tracking = Tracking(store)
     run_id = resolve_run_id(run, store, tracking)

