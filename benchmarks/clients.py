@@ -45,7 +45,7 @@ def _http(url: str) -> HTTPClient:
     return HTTPClient(host, int(port), connection_timeout=60, network_timeout=60)
 
 
-def seed_sender(url: str, bodies: dict[int, bytes]) -> Callable[[], Sender]:
+def v1_predict_sender(url: str, bodies: dict[int, bytes]) -> Callable[[], Sender]:
     def make() -> Sender:
         client = _http(url)
         headers = {"Content-Type": f"multipart/form-data; boundary={http_load.BOUNDARY}"}
@@ -188,7 +188,7 @@ def main() -> None:
         server = http_load.start_server(spec, Path(tmp), probe)
         try:
             routes = {
-                "seed multipart predict": seed_sender(server.url, single),
+                "v1 multipart predict": v1_predict_sender(server.url, single),
                 "OIP v2 BYTES images (tritonclient)": triton_sender(server.url, "images"),
                 "OIP v2 FP32 pixels (tritonclient)": triton_sender(server.url, "pixels"),
                 "MLflow /invocations dataframe_split": mlflow_sender(server.url),

@@ -78,7 +78,7 @@ def models(trained_model: TrainedModel) -> Iterator[MountedModels]:
         shutil.rmtree(host_dir, ignore_errors=True)
 
 
-def seed_env(models: MountedModels, port: int) -> dict[str, str]:
+def predict_env(models: MountedModels, port: int) -> dict[str, str]:
     return {
         "PRED_MODEL_UUID": models.run_id,
         "PRED_MODEL_PATH": models.container_model_path,
@@ -107,13 +107,13 @@ def served(image: str, models: MountedModels) -> Iterator[tuple[Container, str]]
     """The seed's `docker run`, model on a read-only volume, restricted like the Kubernetes pod."""
     port = free_port()
     options = ["-v", f"{models.host_dir}:/models:ro", *RESTRICTED]
-    with container(image, env=seed_env(models, port), options=options) as box:
+    with container(image, env=predict_env(models, port), options=options) as box:
         url = f"http://127.0.0.1:{port}"
         wait_until_ready(box, url)
         yield box, url
 
 
-def seed_curl(url: str, image_path: Path) -> object:
+def curl_predict(url: str, image_path: Path) -> object:
     """The seed's curl command (httpx when the host has no curl); the parsed JSON answer."""
     curl = shutil.which("curl")
     if curl is None:
@@ -135,7 +135,7 @@ def seed_curl(url: str, image_path: Path) -> object:
     return json.loads(output)
 
 
-def test_the_seeds_curl_answers_the_right_digits_with_the_model_on_a_read_only_volume(
+def test_the_documented_curl_answers_the_right_digits_with_the_model_on_a_read_only_volume(
     served: tuple[Container, str], data_dir: Path, trained_model: TrainedModel
 ) -> None:
     _, url = served
@@ -145,7 +145,7 @@ def test_the_seeds_curl_answers_the_right_digits_with_the_model_on_a_read_only_v
     for relative, label in rows:
         image_path = data_dir / relative
         expected = local.predict(bytes_to_input(image_path.read_bytes())[None])[0].label
-        answer = seed_curl(url, image_path)
+        answer = curl_predict(url, image_path)
         assert answer == {
             "data": [{"image_filename": image_path.name, "prediction": str(expected)}]
         }
@@ -257,7 +257,7 @@ def stopped_under_load(image: str, models: MountedModels, data_dir: Path) -> Sto
     url = f"http://127.0.0.1:{port}"
     image_path = data_dir / read_annotations(data_dir, "test")[0][0]
     options = ["-v", f"{models.host_dir}:/models:ro"]
-    with container(image, env=seed_env(models, port), options=options) as box:
+    with container(image, env=predict_env(models, port), options=options) as box:
         wait_until_ready(box, url)
         stop, tallies = threading.Event(), [Tally() for _ in range(4)]
         threads = [
@@ -409,7 +409,7 @@ def test_a_container_given_a_run_uri_pulls_it_at_start_and_serves_it(
         url = f"http://127.0.0.1:{port}"
         wait_until_ready(box, url)
         image_path = data_dir / read_annotations(data_dir, "test")[0][0]
-        answer = seed_curl(url, image_path)
+        answer = curl_predict(url, image_path)
         version = httpx.get(f"{url}/api/v1/model/version").json()
         pulled = run(["docker", "exec", box.id, "ls", f"/home/app/models/{tracked_run.run_id}"])
     assert version == {"data": {"model_uuid": tracked_run.run_id}}

@@ -207,7 +207,7 @@ def test_artifact_listing_straight_from_s3_has_sizes_md5_etags_and_dates(
 # --- pulling ----------------------------------------------------------------------------------
 
 
-def test_pull_through_the_artifact_proxy_lands_in_the_seed_layout_byte_for_byte(
+def test_pull_through_the_artifact_proxy_lands_in_the_run_layout_byte_for_byte(
     mlflow_stack: MlflowStack, stack_runs: StackRuns, tmp_path: Path
 ) -> None:
     run_id = stack_runs.proxy_run

@@ -71,7 +71,7 @@ def test_a_regular_install_imports_digitflow_from_its_own_site_packages(
     assert out[1] == "True"  # the default configs ship inside the package
 
 
-def test_digitflow_serve_from_a_regular_install_answers_the_seed_request(
+def test_digitflow_serve_from_a_regular_install_answers_a_v1_predict_request(
     installed_venv: Path, trained_model: TrainedModel, data_dir: Path, tmp_path: Path
 ) -> None:
     elsewhere = tmp_path / "elsewhere"

@@ -47,7 +47,7 @@ def b64(path: Path) -> str:
     return base64.b64encode(path.read_bytes()).decode()
 
 
-def seed_labels(server: ServerProcess, paths: list[Path]) -> list[int]:
+def v1_labels(server: ServerProcess, paths: list[Path]) -> list[int]:
     files = [("image_file", (p.name, p.read_bytes(), "image/png")) for p in paths]
     r = httpx.post(server.url + PREDICT, files=files, timeout=60)
     assert r.status_code == 200, r.text
@@ -69,26 +69,26 @@ def test_mlflows_client_sees_the_server_ready_and_reads_its_version(
     assert scoring.get_version() == "0.1.0"
 
 
-def test_a_dataframe_with_a_column_of_base64_images_matches_the_seed_route(
+def test_a_dataframe_with_a_column_of_base64_images_matches_the_v1_route(
     scoring: ScoringServerClient, server: ServerProcess, rows: list[tuple[Path, int]]
 ) -> None:
     paths = [p for p, _ in rows]
     frame = pd.DataFrame({"image": [b64(p) for p in paths]})
-    assert labels_of(scoring.invoke(frame)) == seed_labels(server, paths)
+    assert labels_of(scoring.invoke(frame)) == v1_labels(server, paths)
 
 
-def test_inputs_as_a_pixel_array_and_as_base64_strings_match_the_seed_route(
+def test_inputs_as_a_pixel_array_and_as_base64_strings_match_the_v1_route(
     scoring: ScoringServerClient, server: ServerProcess, rows: list[tuple[Path, int]]
 ) -> None:
     paths = [p for p, _ in rows]
-    want = seed_labels(server, paths)
+    want = v1_labels(server, paths)
     pixels = np.stack([np.asarray(Image.open(p), dtype=np.float32) / 255.0 for p in paths])
     assert labels_of(scoring.invoke(pixels)) == want
     assert labels_of(scoring.invoke(pixels.reshape(len(paths), 784))) == want
     assert labels_of(scoring.invoke([b64(p) for p in paths])) == want
 
 
-def test_instances_with_b64_objects_match_the_seed_route(
+def test_instances_with_b64_objects_match_the_v1_route(
     server: ServerProcess, rows: list[tuple[Path, int]]
 ) -> None:
     paths = [p for p, _ in rows[:8]]
@@ -96,7 +96,7 @@ def test_instances_with_b64_objects_match_the_seed_route(
     r = httpx.post(server.url + "/invocations", json=body, timeout=60)
     assert r.status_code == 200, r.text
     got = [item["prediction"] for item in r.json()["predictions"]]
-    assert got == seed_labels(server, paths)
+    assert got == v1_labels(server, paths)
 
 
 def test_a_text_file_in_a_dataframe_is_a_4xx_naming_the_row(

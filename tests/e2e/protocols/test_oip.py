@@ -61,7 +61,7 @@ def pixels_input(paths: list[Path], binary: bool = True) -> triton.InferInput:
     return tensor
 
 
-def seed_answers(
+def v1_answers(
     server: ServerProcess, paths: list[Path]
 ) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.float32]]:
     """Labels and probabilities from the seed route, 64 files per request."""
@@ -98,11 +98,11 @@ def test_tritonclient_sees_a_live_ready_server_with_the_mnist_model_at_the_run_v
     assert outputs == {"class": ("INT64", [-1]), "probabilities": ("FP32", [-1, 10])}
 
 
-def test_tritonclient_answers_match_the_seed_route_on_the_1000_held_out_test_pngs(
+def test_tritonclient_answers_match_the_v1_route_on_the_1000_held_out_test_pngs(
     client: triton.InferenceServerClient, server: ServerProcess, test_pngs: list[Path]
 ) -> None:
     assert len(test_pngs) == 1000
-    want_labels, want_probabilities = seed_answers(server, test_pngs)
+    want_labels, want_probabilities = v1_answers(server, test_pngs)
     for kind in ("images", "pixels"):
         labels, probabilities = [], []
         for start in range(0, len(test_pngs), BATCH):

@@ -70,7 +70,7 @@ def assert_still_answers(client: httpx.Client, sample: Path) -> None:
     assert r.json()["data"][0]["image_filename"] == "digit.png"
 
 
-def test_the_seed_request_gets_the_seed_response_shape(
+def test_a_v1_predict_request_gets_the_documented_response_shape(
     client: httpx.Client, test_rows: list[tuple[Path, int]]
 ) -> None:
     path, _ = test_rows[0]

@@ -103,7 +103,7 @@ def test_digitflow_serve_exits_non_zero_on_a_golden_mismatch(
     assert "golden self-test failed" in result.stderr + result.stdout
 
 
-def test_the_seed_command_refuses_a_port_another_server_listens_on(
+def test_the_gunicorn_command_refuses_a_port_another_server_listens_on(
     trained_model: TrainedModel, tmp_path: Path
 ) -> None:
     # Workers bind with SO_REUSEPORT; without the check a second server would share the port.
@@ -140,7 +140,7 @@ def test_pred_model_uri_pulls_the_run_at_start_up_and_serves_it(
     assert ready["ready"] is True and ready["golden_checked"] == 20
 
 
-def test_plain_uvicorn_from_src_serves_the_seed_request(
+def test_plain_uvicorn_from_src_serves_a_v1_predict_request(
     trained_model: TrainedModel, tmp_path: Path, data_dir: Path
 ) -> None:
     # The seed's command for Windows users: `uvicorn digitflow_fastapi.main:APP` from src/.
@@ -189,7 +189,7 @@ def test_a_golden_mismatch_keeps_the_worker_up_but_unready(
     assert "1/20 images disagree" in server.log()
 
 
-def test_the_seed_command_opens_no_shared_control_socket(
+def test_the_gunicorn_command_opens_no_shared_control_socket(
     trained_model: TrainedModel, tmp_path: Path
 ) -> None:
     # gunicorn's default control socket is one path per user: two servers would share it.
