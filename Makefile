@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install serve test test-fast lint format bench clean wheelhouse image
+.PHONY: install serve test test-fast lint format docs docs-serve bench clean wheelhouse image
 
 install: $(STAMP)
 
@@ -25,13 +25,21 @@ test-fast: install
 	$(BIN)/python -m pytest -m "not slow"
 
 lint: install
-	$(BIN)/ruff check src tests benchmarks
-	$(BIN)/ruff format --check src tests benchmarks
+	$(BIN)/ruff check src tests benchmarks docs/hooks
+	$(BIN)/ruff format --check src tests benchmarks docs/hooks
 	$(BIN)/mypy
 
 format: install
-	$(BIN)/ruff format src tests benchmarks
-	$(BIN)/ruff check --fix src tests benchmarks
+	$(BIN)/ruff format src tests benchmarks docs/hooks
+	$(BIN)/ruff check --fix src tests benchmarks docs/hooks
+
+# The docs site (mkdocs.yml, docs/): strict, so a broken link, a page missing from the nav or a
+# setting without a description fails the build. Offline: no web fonts, no fetching plugin.
+docs: install
+	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict --site-dir site
+
+docs-serve: install
+	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs serve
 
 bench: install
 	$(BIN)/python -m benchmarks.run
@@ -61,4 +69,4 @@ image: wheelhouse
 		--build-arg GIT_REVISION=$(GIT_REVISION) --tag $(IMAGE) .
 
 clean:
-	rm -rf $(VENV) build .pytest_cache .ruff_cache .mypy_cache
+	rm -rf $(VENV) build site .pytest_cache .ruff_cache .mypy_cache

@@ -58,14 +58,45 @@ class ModelSettings(BaseSettings):
 
     model_config = SettingsConfigDict(case_sensitive=True, extra="ignore")
 
-    USE_CUDA: bool = False
-    USE_MPS: bool = False
-    PRED_MODEL_UUID: str = ""
-    PRED_MODEL_PATH: Path | None = None
-    PRED_MODEL_URI: str | None = None
-    PRED_MODELS_DIR: Path = paths.DEFAULT_MODELS_DIR
-    INFERENCE_BACKEND: Backend = "onnx"
-    TORCH_THREADS: NonNegativeInt = 0
+    USE_CUDA: bool = Field(
+        default=False,
+        description="Use a CUDA GPU when one is available (else the CPU, with a warning); read "
+        "by the server, `digitflow serve` and `digitflow train`.",
+    )
+    USE_MPS: bool = Field(
+        default=False,
+        description="Use Apple's MPS GPU when it is available (else the CPU, with a warning).",
+    )
+    PRED_MODEL_UUID: str = Field(
+        default="",
+        description="Run UUID reported by `/api/v1/model/version`; empty: the run the served "
+        "model came from.",
+    )
+    PRED_MODEL_PATH: Path | None = Field(
+        default=None,
+        description="Checkpoint to serve (`model.pt`; the `golden.json` beside it is checked); "
+        "read by the server, `digitflow serve` and `digitflow predict`.",
+    )
+    PRED_MODEL_URI: str | None = Field(
+        default=None,
+        description="Model reference (run UUID, `runs:/<uuid>/model`, `models:/<name>/<version>`, "
+        "`models:/<name>@<alias>`) pulled at start-up when `PRED_MODEL_PATH` is unset; resolved "
+        "once, before workers fork, and every worker is pinned to that run until a swap (SIGHUP "
+        "or `MODEL_POLL_SECONDS`).",
+    )
+    PRED_MODELS_DIR: Path = Field(
+        default=paths.DEFAULT_MODELS_DIR,
+        description="Where `PRED_MODEL_URI` pulls runs to (`<dir>/<run uuid>/artifacts/...`).",
+    )
+    INFERENCE_BACKEND: Backend = Field(
+        default="onnx",
+        description="`onnx` (ONNX Runtime, exported once per checkpoint into the cache; same "
+        "predictions, ~2.5× faster here) or `torch`; a GPU request uses torch.",
+    )
+    TORCH_THREADS: NonNegativeInt = Field(
+        default=0,
+        description="Intra-op threads per worker (ONNX Runtime or torch); 0: cores // workers.",
+    )
 
     @field_validator("PRED_MODEL_PATH", "PRED_MODEL_URI", mode="before")
     @classmethod
@@ -81,19 +112,69 @@ class ModelSettings(BaseSettings):
 class CoreSettings(ModelSettings):
     """Environment variables the core and the CLI understand."""
 
-    MLFLOW_TRACKING_URI: str | None = None
-    MLFLOW_TRACKING_USERNAME: str | None = None
-    MLFLOW_TRACKING_PASSWORD: str | None = None
-    MLFLOW_S3_ENDPOINT_URL: str | None = None
-    AWS_ENDPOINT_URL: str | None = None
-    AWS_ACCESS_KEY_ID: str | None = None
-    AWS_SECRET_ACCESS_KEY: str | None = None
-    AWS_REGION: str | None = None
-    AWS_DEFAULT_REGION: str | None = None
-    DIGITFLOW_CACHE_DIR: Path | None = None
-    XDG_CACHE_HOME: Path | None = None
-    PORT: int = Field(default=8080, ge=1, le=65535)
-    WEB_CONCURRENCY: PositiveInt | None = None
+    MLFLOW_TRACKING_URI: str | None = Field(
+        default=None,
+        description="The MLflow tracking server (`http(s)://host:port`) or a local store URI; "
+        "unset: the embedded store in `mlruns/`. Same as `--tracking-uri`; the server reads it "
+        "to resolve `PRED_MODEL_URI`.",
+    )
+    MLFLOW_TRACKING_USERNAME: str | None = Field(
+        default=None,
+        description="User for basic auth on that server (`mlflow server --app-name basic-auth`).",
+    )
+    MLFLOW_TRACKING_PASSWORD: str | None = Field(
+        default=None,
+        description="Password for basic auth on that server.",
+    )
+    MLFLOW_S3_ENDPOINT_URL: str | None = Field(
+        default=None,
+        description="S3-compatible endpoint for `s3://` artifact locations (ECS, MinIO, "
+        "SeaweedFS); same as `--s3-endpoint-url`; unset: `AWS_ENDPOINT_URL`, else AWS's own.",
+    )
+    AWS_ENDPOINT_URL: str | None = Field(
+        default=None,
+        description="The S3 endpoint when `MLFLOW_S3_ENDPOINT_URL` is unset.",
+    )
+    AWS_ACCESS_KEY_ID: str | None = Field(
+        default=None,
+        description="Access key id for that storage; unset: boto3's usual lookup (e.g. "
+        "`~/.aws/credentials`).",
+    )
+    AWS_SECRET_ACCESS_KEY: str | None = Field(
+        default=None,
+        description="Secret key for that storage; unset: boto3's usual lookup.",
+    )
+    AWS_REGION: str | None = Field(
+        default=None,
+        description="Signing region, for stores that check it; unset: `AWS_DEFAULT_REGION`, "
+        "else `us-east-1`.",
+    )
+    AWS_DEFAULT_REGION: str | None = Field(
+        default=None,
+        description="Signing region when `AWS_REGION` is unset.",
+    )
+    DIGITFLOW_CACHE_DIR: Path | None = Field(
+        default=None,
+        description="Where ONNX exports are cached (a private 0700 folder; keyed by the "
+        "checkpoint's SHA-256); unset: `$XDG_CACHE_HOME/digitflow`, else "
+        "`~/.cache/digitflow`.",
+    )
+    XDG_CACHE_HOME: Path | None = Field(
+        default=None,
+        description="The user's cache folder (XDG); the cache is `digitflow/` inside it when "
+        "`DIGITFLOW_CACHE_DIR` is unset.",
+    )
+    PORT: int = Field(
+        default=8080,
+        ge=1,
+        le=65535,
+        description="Port `digitflow serve` binds when `--port` is not given.",
+    )
+    WEB_CONCURRENCY: PositiveInt | None = Field(
+        default=None,
+        description="Worker processes `digitflow serve` starts when `--workers` is not given; "
+        "unset: one per core.",
+    )
 
     @field_validator(
         "MLFLOW_TRACKING_URI",

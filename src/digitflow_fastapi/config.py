@@ -48,15 +48,45 @@ class Settings(ModelSettings):
     CLI reads too.
     """
 
-    API_NAME: str = "digitflow_fastapi"
-    API_V1_STR: str = "/api/v1"
-    LOGGER_CONFIG_PATH: Path = paths.DEFAULT_LOGGING_CONFIG
-    MAX_UPLOAD_BYTES: PositiveInt = 10 * 1024 * 1024
-    MAX_IMAGE_PIXELS: PositiveInt = 20_000_000
-    MAX_FILES_PER_REQUEST: PositiveInt = 64
-    MAX_DECODE_PIXELS: PositiveInt = DEFAULT_MAX_WORK_PIXELS
-    MAX_REQUEST_DECODE_PIXELS: PositiveInt = 16 * 1024 * 1024
-    MAX_LARGE_DECODES_PER_WORKER: PositiveInt = 2
+    API_NAME: str = Field(
+        default="digitflow_fastapi",
+        description="Title shown in `/docs`.",
+    )
+    API_V1_STR: str = Field(
+        default="/api/v1",
+        description="Prefix of the model endpoints.",
+    )
+    LOGGER_CONFIG_PATH: Path = Field(
+        default=paths.DEFAULT_LOGGING_CONFIG,
+        description="Logging config (`logging.config.dictConfig` YAML); default: the package's "
+        "`conf/logging.yaml` (JSON lines on stderr); a path to nothing is an error.",
+    )
+    MAX_UPLOAD_BYTES: PositiveInt = Field(
+        default=10 * 1024 * 1024,
+        description="Largest request body (10 MiB by default); larger is refused from "
+        "`Content-Length` (413).",
+    )
+    MAX_IMAGE_PIXELS: PositiveInt = Field(
+        default=20_000_000,
+        description="Largest image (width × height), checked from the header (413).",
+    )
+    MAX_FILES_PER_REQUEST: PositiveInt = Field(
+        default=64,
+        description="Most `image_file` parts per request (413).",
+    )
+    MAX_DECODE_PIXELS: PositiveInt = Field(
+        default=DEFAULT_MAX_WORK_PIXELS,
+        description="Most pixels one image may decode to (from its header; JPEG at reduced scale); "
+        "more: 413.",
+    )
+    MAX_REQUEST_DECODE_PIXELS: PositiveInt = Field(
+        default=16 * 1024 * 1024,
+        description="Most decoded pixels per request, all images together; more: 413.",
+    )
+    MAX_LARGE_DECODES_PER_WORKER: PositiveInt = Field(
+        default=2,
+        description="Images over 1 MP decoded at once per worker; more: 503 + `Retry-After`.",
+    )
     INLINE_DECODE_MAX_BYTES: NonNegativeInt = Field(
         default=DEFAULT_INLINE_DECODE_BYTES,
         description="Bytes of a request's images probed and decoded on the event loop (small "
@@ -72,28 +102,96 @@ class Settings(ModelSettings):
         description="Most ink components the digit locator groups; an image with more is "
         "noise and reads as one without a digit (the blank input).",
     )
-    HEADER_TIMEOUT_S: PositiveFloat = 10.0
-    BODY_TIMEOUT_S: PositiveFloat = 30.0
-    MAX_HEADER_BYTES: PositiveInt = 16 * 1024
-    MAX_HEADER_COUNT: PositiveInt = 100
-    MAX_CONNECTIONS_PER_WORKER: PositiveInt = 1000
-    MAX_IN_FLIGHT_PER_WORKER: PositiveInt = 128
+    HEADER_TIMEOUT_S: PositiveFloat = Field(
+        default=10.0,
+        description="Seconds to send the request line and headers, from connection open or the "
+        "previous response (408; a silent connection is closed).",
+    )
+    BODY_TIMEOUT_S: PositiveFloat = Field(
+        default=30.0,
+        description="Seconds to send the body once the headers are in (408).",
+    )
+    MAX_HEADER_BYTES: PositiveInt = Field(
+        default=16 * 1024,
+        description="Bytes of request line + headers (431).",
+    )
+    MAX_HEADER_COUNT: PositiveInt = Field(
+        default=100,
+        description="Headers per request (431).",
+    )
+    MAX_CONNECTIONS_PER_WORKER: PositiveInt = Field(
+        default=1000,
+        description="Open connections per worker; more get 503 + `Retry-After` at once.",
+    )
+    MAX_IN_FLIGHT_PER_WORKER: PositiveInt = Field(
+        default=128,
+        description="Requests in progress per worker on the predict paths; more get 503 + "
+        "`Retry-After` before their body is read.",
+    )
     # Request-body bytes one worker holds at once, over all its requests (`body_budget`): a
     # chunk past it gets 503 + Retry-After. 2 workers x (128 MiB + ~250 MiB baseline) fit the
     # 1 GiB pod of deploy/k8s with room for parsing (tests/e2e/deploy/test_k8s_manifests.py checks).
-    MAX_BUFFERED_BODY_BYTES_PER_WORKER: PositiveInt = 128 * 1024 * 1024
-    REUSE_PORT: bool = True
-    RAY_ADDRESS: str | None = None  # `digitflow serve --engine ray`: join this cluster
-    MAX_BATCH_SIZE: PositiveInt = 64
-    MAX_BATCH_WAIT_MS: NonNegativeFloat = 0.0
-    MAX_QUEUED_IMAGES_PER_WORKER: PositiveInt = 4096
-    REQUEST_TIMEOUT_MS: NonNegativeFloat = 10_000.0  # 0: no deadline
-    WEB_CONCURRENCY: PositiveInt = 1
-    DIGITFLOW_METRICS_DIR: Path | None = None
+    MAX_BUFFERED_BODY_BYTES_PER_WORKER: PositiveInt = Field(
+        default=128 * 1024 * 1024,
+        description="Request-body bytes one worker holds over all its requests (128 MiB by "
+        "default); a chunk past it gets 503 + `Retry-After`; at least `MAX_UPLOAD_BYTES`.",
+    )
+    REUSE_PORT: bool = Field(
+        default=True,
+        description="One SO_REUSEPORT listening socket per worker: connections spread evenly (+30 "
+        "% req/s measured); a stopping worker serves what is queued on its socket.",
+    )
+    RAY_ADDRESS: str | None = Field(
+        default=None,
+        description="The Ray cluster `digitflow serve --engine ray` joins (`ray://…` or `auto`, "
+        "from a node of that cluster); unset: start a local cluster.",
+    )
+    MAX_BATCH_SIZE: PositiveInt = Field(
+        default=64,
+        description="Most images in one forward pass when concurrent requests are batched.",
+    )
+    MAX_BATCH_WAIT_MS: NonNegativeFloat = Field(
+        default=0.0,
+        description="When ≥ 2 requests wait, how long to wait for more to fill a batch; 0: greedy "
+        "(measured best here).",
+    )
+    MAX_QUEUED_IMAGES_PER_WORKER: PositiveInt = Field(
+        default=4096,
+        description="Images waiting in a worker's batch queue; a request that does not fit gets "
+        "503 + `Retry-After` at once.",
+    )
+    REQUEST_TIMEOUT_MS: NonNegativeFloat = Field(
+        default=10_000.0,
+        description="A request the model has not answered this long after it was queued gets 504; "
+        "0: no deadline.",
+    )
+    WEB_CONCURRENCY: PositiveInt = Field(
+        default=1,
+        description="Worker count, set by gunicorn for each worker (used for `TORCH_THREADS=0`).",
+    )
+    DIGITFLOW_METRICS_DIR: Path | None = Field(
+        default=None,
+        description="Internal: where workers publish metric snapshots for `/metrics` (wiped at "
+        "start); a temporary folder made by the gunicorn master.",
+    )
     # Model swaps: poll a `models:/name@alias` PRED_MODEL_URI every N s (0: only on SIGHUP).
-    MODEL_POLL_SECONDS: NonNegativeFloat = 0.0
-    DIGITFLOW_MODEL_STATE_DIR: Path | None = None  # set by the gunicorn master for its workers
-    OIP_MODEL_NAME: str = Field(default="mnist", pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+    MODEL_POLL_SECONDS: NonNegativeFloat = Field(
+        default=0.0,
+        description="With `PRED_MODEL_URI=models:/<name>@<alias>`, ask the registry every N s and "
+        "swap when the alias moves; 0: swap only on SIGHUP (any other reference with N > 0: "
+        "start-up fails with one line).",
+    )
+    DIGITFLOW_MODEL_STATE_DIR: Path | None = Field(
+        default=None,
+        description="Internal: where the gunicorn master publishes the model every worker should "
+        "serve and the refused swaps (a temporary folder it makes); not meant to be set by hand.",
+    )
+    OIP_MODEL_NAME: str = Field(
+        default="mnist",
+        pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$",
+        description="The model's name in the Open Inference Protocol v2 routes "
+        "(`/v2/models/<name>/…`).",
+    )
     MAX_JSON_VALUES: PositiveInt | None = Field(
         default=None,
         description="Most values in the JSON part of a /v2 infer request, counted before it is "
@@ -101,18 +199,52 @@ class Settings(ModelSettings):
         "as `pixels` numbers, nested as [N,1,28,28].",
     )
     # The ASGI edge (`digitflow_fastapi.edge.checks`): request logs, API keys, CORS, rate limit.
-    REQUEST_LOG: bool = False  # measured: the line costs 5-8 % of req/s at c=64
-    API_KEYS: SecretStr | None = None
-    API_KEYS_FILE: Path | None = None
-    CORS_ORIGINS: str = ""
-    CORS_ALLOW_CREDENTIALS: bool = False
-    RATE_LIMIT: str | None = Field(default=None, pattern=RATE_LIMIT_PATTERN)
-    RATE_LIMIT_MAX_CLIENTS: PositiveInt = 10_000
+    REQUEST_LOG: bool = Field(
+        default=False,
+        description="One JSON line per request from the logger `digitflow_fastapi.access` (probes "
+        "and scrapes at DEBUG; costs 1–8 % of req/s at c=64, measured); `X-Request-ID` is echoed "
+        "either way.",
+    )
+    API_KEYS: SecretStr | None = Field(
+        default=None,
+        description="Comma-separated API keys (16–256 visible ASCII characters each) required on "
+        "the model routes and `/metrics` as `X-API-Key` or `Authorization: Bearer`; unset: no "
+        "keys, open.",
+    )
+    API_KEYS_FILE: Path | None = Field(
+        default=None,
+        description="A file of API keys, one a line (`#` comments); adds to `API_KEYS`.",
+    )
+    CORS_ORIGINS: str = Field(
+        default="",
+        description="Comma-separated origins (`https://host[:port]`) allowed to call the API from "
+        "a browser, or `*`; empty: no CORS headers.",
+    )
+    CORS_ALLOW_CREDENTIALS: bool = Field(
+        default=False,
+        description="Send `Access-Control-Allow-Credentials: true` to listed origins; refused "
+        "together with `*`.",
+    )
+    RATE_LIMIT: str | None = Field(
+        default=None,
+        pattern=RATE_LIMIT_PATTERN,
+        description="`N/second`, `N/minute` or `N/hour` per client (API key, else address) and per "
+        "worker; 429 + `Retry-After`; unset: no limit.",
+    )
+    RATE_LIMIT_MAX_CLIENTS: PositiveInt = Field(
+        default=10_000,
+        description="Most rate-limit buckets a worker keeps (least recently seen evicted).",
+    )
     # Proxies whose X-Forwarded-For / X-Forwarded-Proto are believed (comma-separated addresses
     # or networks, `*` for any). The same variable gunicorn and uvicorn read, but empty by
     # default (theirs: 127.0.0.1): a sidecar passing the header on would let clients pick the
     # address the rate limit counts. Applied by `gunicorn_conf`.
-    FORWARDED_ALLOW_IPS: str = ""
+    FORWARDED_ALLOW_IPS: str = Field(
+        default="",
+        description="Proxies (addresses or networks, comma-separated, `*` any) whose "
+        "`X-Forwarded-For`/`-Proto` are believed; empty: none (gunicorn's and uvicorn's own "
+        "default would be 127.0.0.1).",
+    )
 
     @field_validator(
         "DIGITFLOW_METRICS_DIR",

@@ -1,7 +1,7 @@
 """The default model reads phone photos (each condition) and canvas drawings of HELD-OUT digits.
 
 The photos and drawings are rendered by `digitflow.data.photo_synth` from the test split only, the
-way `benchmarks/photos.py` builds its benchmark (which reports the full figures in the README).
+way `benchmarks/photos.py` builds its benchmark (its full figures are in docs/photos.md).
 """
 
 from __future__ import annotations
