@@ -10,7 +10,6 @@ from __future__ import annotations
 import ipaddress
 from functools import lru_cache
 from pathlib import Path
-from typing import Any
 
 from pydantic import (
     Field,
@@ -28,7 +27,7 @@ from digitflow import paths
 from digitflow.errors import ConfigError
 from digitflow.inference.digit_locator import DEFAULT_MAX_COMPONENTS
 from digitflow.inference.image_structure import DEFAULT_MAX_SEGMENTS
-from digitflow.inference.preprocess import DEFAULT_MAX_WORK_PIXELS
+from digitflow.inference.preprocess import DEFAULT_MAX_IMAGE_PIXELS, DEFAULT_MAX_WORK_PIXELS
 from digitflow.settings import ModelSettings, one_line
 from digitflow_fastapi.edge.settings import (
     RATE_LIMIT_PATTERN,
@@ -52,7 +51,7 @@ class Settings(ModelSettings):
     API_V1_STR: str = "/api/v1"
     LOGGER_CONFIG_PATH: Path = paths.DEFAULT_LOGGING_CONFIG
     MAX_UPLOAD_BYTES: PositiveInt = 10 * 1024 * 1024
-    MAX_IMAGE_PIXELS: PositiveInt = 20_000_000
+    MAX_IMAGE_PIXELS: PositiveInt = DEFAULT_MAX_IMAGE_PIXELS
     MAX_FILES_PER_REQUEST: PositiveInt = 64
     MAX_DECODE_PIXELS: PositiveInt = DEFAULT_MAX_WORK_PIXELS
     MAX_REQUEST_DECODE_PIXELS: PositiveInt = 16 * 1024 * 1024
@@ -88,7 +87,6 @@ class Settings(ModelSettings):
     MAX_BATCH_WAIT_MS: NonNegativeFloat = 0.0
     MAX_QUEUED_IMAGES_PER_WORKER: PositiveInt = 4096
     REQUEST_TIMEOUT_MS: NonNegativeFloat = 10_000.0  # 0: no deadline
-    WEB_CONCURRENCY: PositiveInt = 1
     DIGITFLOW_METRICS_DIR: Path | None = None
     # Model swaps: poll a `models:/name@alias` PRED_MODEL_URI every N s (0: only on SIGHUP).
     MODEL_POLL_SECONDS: NonNegativeFloat = 0.0
@@ -113,20 +111,6 @@ class Settings(ModelSettings):
     # default (theirs: 127.0.0.1): a sidecar passing the header on would let clients pick the
     # address the rate limit counts. Applied by `gunicorn_conf`.
     FORWARDED_ALLOW_IPS: str = ""
-
-    @field_validator(
-        "DIGITFLOW_METRICS_DIR",
-        "DIGITFLOW_MODEL_STATE_DIR",
-        "RAY_ADDRESS",
-        "API_KEYS",
-        "API_KEYS_FILE",
-        "RATE_LIMIT",
-        "MAX_JSON_VALUES",
-        mode="before",
-    )
-    @classmethod
-    def _empty_is_unset(cls, value: Any) -> Any:
-        return None if value == "" else value
 
     @field_validator("LOGGER_CONFIG_PATH")
     @classmethod
