@@ -10,9 +10,9 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
-from pydantic import Field, NonNegativeInt, PositiveInt, ValidationError, field_validator
+from pydantic import Field, NonNegativeInt, PositiveInt, ValidationError, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from digitflow import paths
@@ -53,10 +53,27 @@ class StoreConfig:
         return dataclasses.replace(self, **{k: v for k, v in changes.items() if v is not None})
 
 
-class ModelSettings(BaseSettings):
-    """Which model to serve and on which engine: shared by the CLI and the server's `Settings`."""
+def _admits_none(annotation: Any) -> bool:
+    return annotation is None or type(None) in get_args(annotation)
+
+
+class EnvSettings(BaseSettings):
+    """Settings read from environment variables of the same names, where an empty value counts as
+    unset for every field that may be unset (None): `X=` is no `X`."""
 
     model_config = SettingsConfigDict(case_sensitive=True, extra="ignore")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _empty_is_unset(cls, data: Any) -> Any:
+        if not isinstance(data, dict):
+            return data
+        nullable = {name for name, f in cls.model_fields.items() if _admits_none(f.annotation)}
+        return {k: None if v == "" and k in nullable else v for k, v in data.items()}
+
+
+class ModelSettings(EnvSettings):
+    """Which model to serve and on which engine: shared by the CLI and the server's `Settings`."""
 
     USE_CUDA: bool = Field(
         default=False,
@@ -98,10 +115,11 @@ class ModelSettings(BaseSettings):
         description="Intra-op threads per worker (ONNX Runtime or torch); 0: cores // workers.",
     )
 
-    @field_validator("PRED_MODEL_PATH", "PRED_MODEL_URI", mode="before")
-    @classmethod
-    def _model_unset_when_empty(cls, value: Any) -> Any:
-        return None if value == "" else value
+    WEB_CONCURRENCY: PositiveInt | None = Field(
+        default=None,
+        description="Worker processes `digitflow serve` starts when `--workers` is not given; "
+        "unset: one per core.",
+    )
 
     @property
     def model_configured(self) -> bool:
@@ -170,30 +188,6 @@ class CoreSettings(ModelSettings):
         le=65535,
         description="Port `digitflow serve` binds when `--port` is not given.",
     )
-    WEB_CONCURRENCY: PositiveInt | None = Field(
-        default=None,
-        description="Worker processes `digitflow serve` starts when `--workers` is not given; "
-        "unset: one per core.",
-    )
-
-    @field_validator(
-        "MLFLOW_TRACKING_URI",
-        "MLFLOW_TRACKING_USERNAME",
-        "MLFLOW_TRACKING_PASSWORD",
-        "MLFLOW_S3_ENDPOINT_URL",
-        "AWS_ENDPOINT_URL",
-        "AWS_ACCESS_KEY_ID",
-        "AWS_SECRET_ACCESS_KEY",
-        "AWS_REGION",
-        "AWS_DEFAULT_REGION",
-        "DIGITFLOW_CACHE_DIR",
-        "XDG_CACHE_HOME",
-        "WEB_CONCURRENCY",
-        mode="before",
-    )
-    @classmethod
-    def _empty_is_unset(cls, value: Any) -> Any:
-        return None if value == "" else value
 
     def store(self, mlruns_dir: Path = paths.DEFAULT_MLRUNS_DIR) -> StoreConfig:
         """The artifact store these variables describe."""

@@ -191,6 +191,19 @@ def build_lifespan(settings: Settings | None, classifier: Classifier | None) -> 
     return lifespan
 
 
+def decode_limits(conf: Settings) -> DecodeLimits:
+    """The decoder's limits as the settings name them (MAX_IMAGE_PIXELS, MAX_DECODE_PIXELS…)."""
+    return DecodeLimits(
+        max_pixels=conf.MAX_IMAGE_PIXELS,
+        max_work_pixels=conf.MAX_DECODE_PIXELS,
+        max_request_work_pixels=conf.MAX_REQUEST_DECODE_PIXELS,
+        large_slots=conf.MAX_LARGE_DECODES_PER_WORKER,
+        inline_bytes=conf.INLINE_DECODE_MAX_BYTES,
+        max_segments=conf.MAX_IMAGE_SEGMENTS,
+        max_components=conf.MAX_DIGIT_COMPONENTS,
+    )
+
+
 def create_app(settings: Settings | None = None, classifier: Classifier | None = None) -> FastAPI:
     """Build the app; nothing is loaded until the lifespan starts."""
     conf = settings or get_settings()
@@ -207,7 +220,7 @@ def create_app(settings: Settings | None = None, classifier: Classifier | None =
     )
     app.state.service = None
     app.state.settings = conf
-    app.state.decoder = ImageDecoder(DecodeLimits.from_settings(conf))
+    app.state.decoder = ImageDecoder(decode_limits(conf))
     app.state.readiness = NOT_LOADED
     install_error_handlers(app)
     install_docs(app)

@@ -10,7 +10,6 @@ from __future__ import annotations
 import ipaddress
 from functools import lru_cache
 from pathlib import Path
-from typing import Any
 
 from pydantic import (
     Field,
@@ -28,7 +27,7 @@ from digitflow import paths
 from digitflow.errors import ConfigError
 from digitflow.inference.digit_locator import DEFAULT_MAX_COMPONENTS
 from digitflow.inference.image_structure import DEFAULT_MAX_SEGMENTS
-from digitflow.inference.preprocess import DEFAULT_MAX_WORK_PIXELS
+from digitflow.inference.preprocess import DEFAULT_MAX_IMAGE_PIXELS, DEFAULT_MAX_WORK_PIXELS
 from digitflow.settings import ModelSettings, one_line
 from digitflow_fastapi.edge.settings import (
     RATE_LIMIT_PATTERN,
@@ -67,7 +66,7 @@ class Settings(ModelSettings):
         "`Content-Length` (413).",
     )
     MAX_IMAGE_PIXELS: PositiveInt = Field(
-        default=20_000_000,
+        default=DEFAULT_MAX_IMAGE_PIXELS,
         description="Largest image (width × height), checked from the header (413).",
     )
     MAX_FILES_PER_REQUEST: PositiveInt = Field(
@@ -165,10 +164,6 @@ class Settings(ModelSettings):
         description="A request the model has not answered this long after it was queued gets 504; "
         "0: no deadline.",
     )
-    WEB_CONCURRENCY: PositiveInt = Field(
-        default=1,
-        description="Worker count, set by gunicorn for each worker (used for `TORCH_THREADS=0`).",
-    )
     DIGITFLOW_METRICS_DIR: Path | None = Field(
         default=None,
         description="Internal: where workers publish metric snapshots for `/metrics` (wiped at "
@@ -245,20 +240,6 @@ class Settings(ModelSettings):
         "`X-Forwarded-For`/`-Proto` are believed; empty: none (gunicorn's and uvicorn's own "
         "default would be 127.0.0.1).",
     )
-
-    @field_validator(
-        "DIGITFLOW_METRICS_DIR",
-        "DIGITFLOW_MODEL_STATE_DIR",
-        "RAY_ADDRESS",
-        "API_KEYS",
-        "API_KEYS_FILE",
-        "RATE_LIMIT",
-        "MAX_JSON_VALUES",
-        mode="before",
-    )
-    @classmethod
-    def _empty_is_unset(cls, value: Any) -> Any:
-        return None if value == "" else value
 
     @field_validator("LOGGER_CONFIG_PATH")
     @classmethod

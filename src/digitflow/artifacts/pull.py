@@ -10,7 +10,6 @@ without downloading it again. Artifacts are read through the MLflow server's art
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -27,7 +26,13 @@ from typing import Any
 from tqdm import tqdm
 
 from digitflow.artifacts.pulled_runs import publish, remove_stale_staging, run_lock, staging_dir
-from digitflow.artifacts.run_layout import CONFIG_ARTIFACT, MANIFEST_NAME, MODEL_ARTIFACT
+from digitflow.artifacts.run_layout import (
+    CONFIG_ARTIFACT,
+    MANIFEST_NAME,
+    MODEL_ARTIFACT,
+    artifact_path,
+    model_path,
+)
 from digitflow.artifacts.sources import (
     ArtifactSource,
     LocalSource,
@@ -39,6 +44,7 @@ from digitflow.artifacts.sources import (
 )
 from digitflow.artifacts.tracking import Tracking
 from digitflow.atomic import write_text_atomically
+from digitflow.digests import file_md5, file_sha256
 from digitflow.errors import (
     ArtifactIntegrityError,
     ArtifactNotFound,
@@ -75,7 +81,7 @@ class PullResult:
 
     @property
     def config_path(self) -> Path:
-        return self.run_dir / "artifacts" / CONFIG_ARTIFACT
+        return artifact_path(self.run_dir, CONFIG_ARTIFACT)
 
 
 def artifact_source(artifact_uri: str, store: StoreConfig, workers: int) -> ArtifactSource:
@@ -120,22 +126,6 @@ def list_run_artifacts(run_id: str, store: StoreConfig) -> RunArtifacts:
     return RunArtifacts(run_id, artifact_uri, sorted(files, key=lambda f: f.path))
 
 
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        while chunk := handle.read(1 << 20):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
-def _file_md5(path: Path) -> str:
-    digest = hashlib.md5(usedforsecurity=False)
-    with path.open("rb") as handle:
-        while chunk := handle.read(1 << 20):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def read_manifest(run_dir: Path) -> dict[str, dict[str, Any]]:
     """`path → {size, sha256, md5}` of a completed pull; empty if there is none."""
     try:
@@ -151,7 +141,7 @@ def verify_pulled_run(run_dir: Path) -> bool:
     if not manifest:
         return False
     for path, entry in manifest.items():
-        local = run_dir / "artifacts" / path
+        local = artifact_path(run_dir, path)
         try:
             if local.stat().st_size != entry["size"] or file_sha256(local) != entry["sha256"]:
                 return False
@@ -162,12 +152,12 @@ def verify_pulled_run(run_dir: Path) -> bool:
 
 def _local_copy_matches(run_dir: Path, remote: RemoteFile, manifest: Mapping[str, Any]) -> bool:
     """Whether the already pulled file equals `remote` (size, then MD5 or the recorded SHA-256)."""
-    local = run_dir / "artifacts" / remote.path
+    local = artifact_path(run_dir, remote.path)
     entry = manifest.get(remote.path)
     try:
         if entry is None or local.stat().st_size != remote.size:
             return False
-        if remote.md5 and _file_md5(local) != remote.md5:
+        if remote.md5 and file_md5(local) != remote.md5:
             return False
         return bool(file_sha256(local) == entry["sha256"])
     except OSError:
@@ -212,7 +202,7 @@ def _download_one(
                         f"{remote.path}: got {size} bytes, the store lists {remote.size}"
                     ),
                 )
-            md5 = _file_md5(target) if remote.md5 else None
+            md5 = file_md5(target) if remote.md5 else None
             if remote.md5 and md5 != remote.md5:
                 raise TransientError(
                     remote.path,
@@ -267,14 +257,12 @@ def _sync_locked(
         missing = [f for f in files if f not in kept]
         if not missing and len(manifest) == len(files):
             shutil.rmtree(staging, ignore_errors=True)
-            return PullResult(
-                run_id, run_dir, run_dir / "artifacts" / MODEL_ARTIFACT, len(files), 0, 0, 0.0
-            )
+            return PullResult(run_id, run_dir, model_path(run_dir), len(files), 0, 0, 0.0)
         entries = {}
         for remote in kept:
-            target = staging / "artifacts" / remote.path
+            target = artifact_path(staging, remote.path)
             target.parent.mkdir(parents=True, exist_ok=True)
-            copy_file(run_dir / "artifacts" / remote.path, target)
+            copy_file(artifact_path(run_dir, remote.path), target)
             entries[remote.path] = manifest[remote.path]
         lock = threading.Lock()
         total = sum(f.size for f in missing)
@@ -292,7 +280,7 @@ def _sync_locked(
             cancelled = threading.Event()
             futures = [
                 pool.submit(
-                    _download_one, source, f, staging / "artifacts" / f.path, bar, lock, cancelled
+                    _download_one, source, f, artifact_path(staging, f.path), bar, lock, cancelled
                 )
                 for f in missing
             ]
@@ -316,7 +304,7 @@ def _sync_locked(
     return PullResult(
         run_id,
         run_dir,
-        run_dir / "artifacts" / MODEL_ARTIFACT,
+        model_path(run_dir),
         len(files),
         len(missing),
         total,

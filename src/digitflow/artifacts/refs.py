@@ -10,9 +10,11 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Literal
 
 from digitflow.artifacts.run_layout import (
+    CHECKPOINT_FILENAME,
     MANIFEST_NAME,
     MODEL_ARTIFACT,
     RUNS_URI_PATTERN,
+    enclosing_run_dir,
     is_run_id,
     model_path,
     run_dir,
@@ -84,11 +86,11 @@ def _local_model(reference: str) -> ResolvedModel:
     path = Path(reference).expanduser()
     candidates = [path]
     if path.is_dir():
-        candidates = [model_path(path), path / MODEL_ARTIFACT, path / "model.pt"]
+        candidates = [model_path(path), path / MODEL_ARTIFACT, path / CHECKPOINT_FILENAME]
     for candidate in candidates:
         if candidate.is_file() and candidate.stat().st_size > 0:
             resolved = candidate.absolute()  # keep `<run uuid>/...`: the link, not its target
-            folder = next((p for p in resolved.parents if is_run_id(p.name)), None)
+            folder = enclosing_run_dir(resolved)
             manifest = folder / MANIFEST_NAME if folder else None
             if manifest and manifest.is_file() and not verify_pulled_run(manifest.parent):
                 raise ArtifactIntegrityError(

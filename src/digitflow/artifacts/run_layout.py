@@ -10,11 +10,18 @@ import re
 from pathlib import Path
 from typing import Final
 
-MODEL_ARTIFACT: Final = "model/model.pt"
-GOLDEN_ARTIFACT: Final = "model/golden.json"
-CONFIG_ARTIFACT: Final = "train_model_config.json"
+ARTIFACTS_DIR: Final = "artifacts"  # a run's artifact root, under its folder
+MODEL_DIR: Final = "model"  # the artifact folder of the served model
+CHECKPOINT_FILENAME: Final = "model.pt"
 GOLDEN_FILENAME: Final = "golden.json"
+MODEL_ARTIFACT: Final = f"{MODEL_DIR}/{CHECKPOINT_FILENAME}"
+GOLDEN_ARTIFACT: Final = f"{MODEL_DIR}/{GOLDEN_FILENAME}"
+CONFIG_ARTIFACT: Final = "train_model_config.json"
+CHECKPOINTS_DIR: Final = "checkpoints"  # interval checkpoints: `checkpoints/epoch-<n>/model.pt`
 MANIFEST_NAME: Final = ".digitflow-manifest.json"
+# The embedded store under `mlruns/`: its SQLite file and the folder its runs' artifacts go to.
+EMBEDDED_STORE_DB: Final = "mlflow.db"
+EMBEDDED_ARTIFACT_ROOT: Final = "artifacts"
 
 # `\Z`, not `$`: `$` also matches before a trailing newline.
 RUN_ID_PATTERN: Final = re.compile(r"[0-9a-f]{32}\Z")
@@ -31,16 +38,41 @@ def run_dir(models_dir: Path, run_id: str) -> Path:
     return models_dir / run_id
 
 
+def enclosing_run_dir(path: Path) -> Path | None:
+    """The nearest folder above `path` named by a run UUID (`<run uuid>/...`), if any.
+
+    The absolute path is searched as given, links not followed: a link named after its run
+    still names the run.
+    """
+    return next((p for p in path.absolute().parents if is_run_id(p.name)), None)
+
+
+def enclosing_run_id(path: Path) -> str | None:
+    """The run UUID of the folder `path` sits in (see `enclosing_run_dir`), if any."""
+    folder = enclosing_run_dir(path)
+    return folder.name if folder is not None else None
+
+
 def artifacts_dir(run_folder: Path) -> Path:
     """The `artifacts/` folder of a pulled run (or of a run in a local store)."""
-    return run_folder / "artifacts"
+    return run_folder / ARTIFACTS_DIR
+
+
+def artifact_path(run_folder: Path, artifact: str) -> Path:
+    """Where `artifact` (a path under the run's artifact root) lives in a run folder."""
+    return artifacts_dir(run_folder) / artifact
 
 
 def model_path(run_folder: Path) -> Path:
     """`<run folder>/artifacts/model/model.pt`: the file the server loads."""
-    return artifacts_dir(run_folder) / MODEL_ARTIFACT
+    return artifact_path(run_folder, MODEL_ARTIFACT)
 
 
 def golden_path(checkpoint: Path) -> Path:
     """The golden set logged beside a checkpoint."""
     return checkpoint.parent / GOLDEN_FILENAME
+
+
+def interval_checkpoint_dir(epoch: int) -> str:
+    """The artifact folder of the checkpoint saved after `epoch` (not the final one)."""
+    return f"{CHECKPOINTS_DIR}/epoch-{epoch}"

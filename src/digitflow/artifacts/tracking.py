@@ -28,7 +28,12 @@ from mlflow.store.tracking.rest_store import RestStore
 from mlflow.tracking import MlflowClient
 from mlflow.utils.rest_utils import MlflowHostCreds
 
-from digitflow.artifacts.run_layout import RUNS_URI_PATTERN, is_run_id
+from digitflow.artifacts.run_layout import (
+    EMBEDDED_ARTIFACT_ROOT,
+    EMBEDDED_STORE_DB,
+    RUNS_URI_PATTERN,
+    is_run_id,
+)
 from digitflow.errors import (
     ArtifactNotFound,
     ExperimentNotFound,
@@ -59,9 +64,10 @@ class TrackingTarget:
 def embedded_target(mlruns_dir: Path) -> TrackingTarget:
     """The project's embedded store under `mlruns_dir` (created if missing)."""
     mlruns_dir = mlruns_dir.resolve()
-    (mlruns_dir / "artifacts").mkdir(parents=True, exist_ok=True)
+    artifact_root = mlruns_dir / EMBEDDED_ARTIFACT_ROOT
+    artifact_root.mkdir(parents=True, exist_ok=True)
     return TrackingTarget(
-        uri=f"sqlite:///{mlruns_dir / 'mlflow.db'}", artifact_root=mlruns_dir / "artifacts"
+        uri=f"sqlite:///{mlruns_dir / EMBEDDED_STORE_DB}", artifact_root=artifact_root
     )
 
 

@@ -50,7 +50,7 @@ class MicroBatcher:
     def __init__(
         self,
         classifier: Classifier,
-        max_batch_size: int = 64,
+        max_batch_size: int,
         max_wait_ms: float = 0.0,
         on_batch: Callable[[int], object] | None = None,
         max_queued_images: int | None = None,

@@ -9,7 +9,6 @@ and are written through a temporary file beside them. An empty or unreadable exp
 
 from __future__ import annotations
 
-import hashlib
 import io
 import logging
 import os
@@ -19,6 +18,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from digitflow.atomic import write_bytes_atomically
+from digitflow.digests import file_sha256
 
 if TYPE_CHECKING:
     from digitflow.training.net import Net
@@ -28,7 +28,7 @@ logger = logging.getLogger(__name__)
 
 def export_name(checkpoint: Path) -> str:
     """The export's file name, keyed by the checkpoint's SHA-256."""
-    return f"model.{hashlib.sha256(checkpoint.read_bytes()).hexdigest()[:16]}.onnx"
+    return f"model.{file_sha256(checkpoint)[:16]}.onnx"
 
 
 def private_folder(cache_dir: Path | None) -> Path | None:

@@ -34,7 +34,8 @@ from digitflow.inference.image_structure import (
 )
 
 MNIST_SIZE: Final = 28
-DEFAULT_MAX_IMAGE_PIXELS: Final = 4096 * 4096
+# Width × height an image may declare (the server's MAX_IMAGE_PIXELS), checked from its header.
+DEFAULT_MAX_IMAGE_PIXELS: Final = 20_000_000
 # What the decoder may materialise for one image, in pixels (see `ImageProbe.work_pixels`): a
 # digit needs a few hundred pixels a side, and this bounds one decode to ~20 MiB and ~50 ms.
 DEFAULT_MAX_WORK_PIXELS: Final = 4 * 1024 * 1024

@@ -49,11 +49,12 @@ def run_self_test(classifier: Classifier, model_path: Path) -> SelfTestReport:
     return SelfTestReport(golden_checked=len(golden), golden_file=path)
 
 
-def worker_threads(explicit: int, workers: int, cores: int | None = None) -> int:
-    """Intra-op threads per worker: `explicit` if > 0, else cores // workers (at least 1)."""
+def worker_threads(explicit: int, workers: int | None, cores: int | None = None) -> int:
+    """Intra-op threads per worker: `explicit` if > 0, else cores // workers (at least 1; no
+    worker count means one worker)."""
     if explicit > 0:
         return explicit
-    return max(1, (cores or os.cpu_count() or 1) // max(1, workers))
+    return max(1, (cores or os.cpu_count() or 1) // max(1, workers or 1))
 
 
 def load_checked_classifier(

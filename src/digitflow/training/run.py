@@ -14,7 +14,13 @@ import mlflow
 import numpy as np
 import torch
 
-from digitflow.artifacts.run_layout import CONFIG_ARTIFACT, GOLDEN_FILENAME
+from digitflow.artifacts.run_layout import (
+    CHECKPOINT_FILENAME,
+    CONFIG_ARTIFACT,
+    GOLDEN_FILENAME,
+    MODEL_DIR,
+    interval_checkpoint_dir,
+)
 from digitflow.artifacts.tracking import TrackingTarget, ensure_experiment
 from digitflow.data.mnist import DigitSet, load_split
 from digitflow.data.photo_training import render_photo_set
@@ -156,9 +162,10 @@ def _fit(
         _log_epoch(epoch, config, fitted, progress)
         interval = config.model_checkpoint_interval
         if interval and epoch % interval == 0 and epoch != config.epochs:
-            path = workdir / "checkpoints" / f"epoch-{epoch}" / "model.pt"
+            folder = interval_checkpoint_dir(epoch)
+            path = workdir / folder / CHECKPOINT_FILENAME
             save_checkpoint(path, model, optimiser, epoch, fitted.train.loss, fitted.test.loss)
-            mlflow.log_artifact(str(path), f"checkpoints/epoch-{epoch}")
+            mlflow.log_artifact(str(path), folder)
     assert fitted is not None  # epochs >= 1 (validated)
     return fitted, optimiser
 
@@ -172,12 +179,13 @@ def _log_model(
     workdir: Path,
 ) -> None:
     """Log `model/model.pt`, `model/golden.json` and `train_model_config.json` to the run."""
-    model_dir = workdir / "model"
+    model_dir = workdir / MODEL_DIR
+    checkpoint = model_dir / CHECKPOINT_FILENAME
     save_checkpoint(
-        model_dir / "model.pt", model, optimiser, config.epochs, fitted.train.loss, fitted.test.loss
+        checkpoint, model, optimiser, config.epochs, fitted.train.loss, fitted.test.loss
     )
     write_golden(model_dir / GOLDEN_FILENAME, golden)
-    mlflow.log_artifacts(str(model_dir), "model")
+    mlflow.log_artifacts(str(model_dir), MODEL_DIR)
     mlflow.log_dict(config.to_dict(), CONFIG_ARTIFACT)
 
 

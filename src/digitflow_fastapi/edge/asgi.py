@@ -18,6 +18,7 @@ from starlette.requests import ClientDisconnect, Request
 from digitflow.logging_setup import current_request_id
 from digitflow_fastapi import metrics
 from digitflow_fastapi.edge.body_budget import budget_of, metered
+from digitflow_fastapi.edge.body_cap import check_declared_length
 from digitflow_fastapi.edge.checks import Edge
 from digitflow_fastapi.edge.keys import presented_key
 from digitflow_fastapi.edge.request_log import (
@@ -45,25 +46,12 @@ _PREFLIGHT_HEADER = b"access-control-request-method"
 
 
 def _declared_length_problem(value: bytes | None, max_bytes: int) -> OrjsonResponse | None:
-    """A 413/400 answer when the declared Content-Length is over the cap or invalid."""
-    if value is None:
-        return None
+    """The 413/400 answer when the declared Content-Length is over the cap or invalid."""
     try:
-        length = int(value)
-    except ValueError:
-        length = -1
-    if length < 0:
-        response = OrjsonResponse({"detail": "invalid Content-Length header"}, 400)
-    elif length > max_bytes:
-        detail = (
-            f"request body of {value.decode('latin-1')[:20]} bytes exceeds "
-            f"MAX_UPLOAD_BYTES ({max_bytes})"
-        )
-        response = OrjsonResponse({"detail": detail}, 413)
-    else:
-        return None
-    response.headers["Connection"] = "close"
-    return response
+        check_declared_length(value, max_bytes)
+    except RequestError as exc:
+        return error_response(exc)
+    return None
 
 
 def overloaded_response(limit: int) -> OrjsonResponse:
@@ -88,7 +76,7 @@ class LeanFastAPI(FastAPI):
     def __init__(
         self,
         max_body_bytes: int,
-        max_in_flight: int = 128,
+        max_in_flight: int,
         edge: Edge | None = None,
         **kwargs: Any,
     ) -> None:

@@ -31,13 +31,15 @@ from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol
 
 @dataclass(frozen=True)
 class ConnectionLimits:
-    """The guard's settings (see the module docstring)."""
+    """The guard's settings (see the module docstring): the first five from `Settings`
+    (HEADER_TIMEOUT_S, BODY_TIMEOUT_S, MAX_HEADER_BYTES, MAX_HEADER_COUNT,
+    MAX_CONNECTIONS_PER_WORKER), their one home."""
 
-    header_timeout: float = 10.0
-    body_timeout: float = 30.0
-    max_header_bytes: int = 16 * 1024
-    max_header_count: int = 100
-    max_connections: int = 1000
+    header_timeout: float
+    body_timeout: float
+    max_header_bytes: int
+    max_header_count: int
+    max_connections: int
     drain_seconds: float = 1.0
     retry_after_seconds: int = 1
 
@@ -73,7 +75,7 @@ def raw_json_response(status: int, detail: str, extra_headers: tuple[bytes, ...]
 class GuardedHttpToolsProtocol(HttpToolsProtocol):
     """uvicorn's httptools protocol with deadlines, header caps and a connection cap."""
 
-    limits: ClassVar[ConnectionLimits] = ConnectionLimits()
+    limits: ClassVar[ConnectionLimits]  # bound by `configured`
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)

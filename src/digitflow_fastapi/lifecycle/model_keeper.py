@@ -35,6 +35,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from digitflow.artifacts.refs import ServedModel, parse_reference, resolve_model
+from digitflow.artifacts.run_layout import enclosing_run_id
+from digitflow.digests import file_sha256
 from digitflow.errors import DigitflowError, ModelNotFound
 from digitflow_fastapi.lifecycle import model_state
 from digitflow_fastapi.lifecycle.model_state import DesiredModel, ModelSource
@@ -68,7 +70,7 @@ class Candidate:
 def _local_candidate(folder: Path, path: Path, configured_uuid: str | None) -> Candidate:
     if not path.is_file():
         raise ModelNotFound(f"no checkpoint at {path}")
-    run_id = model_state.run_id_in_path(path)
+    run_id = enclosing_run_id(path)
     copy, digest = model_state.snapshot_checkpoint(folder, path)
     return Candidate(copy, run_id or configured_uuid or "", run_id, digest, str(path.absolute()))
 
@@ -86,7 +88,7 @@ def resolve_candidate(folder: Path, source: ModelSource) -> Candidate:
     resolved = resolve_model(source.model_uri, models_dir, read_core_settings().store())
     if parse_reference(source.model_uri).kind == "path":
         return _local_candidate(folder, resolved.model_path, source.model_uuid)
-    digest = model_state.file_sha256(resolved.model_path)
+    digest = file_sha256(resolved.model_path)
     uuid = resolved.run_id or source.model_uuid or ""
     return Candidate(resolved.model_path, uuid, resolved.run_id, digest)
 
@@ -190,12 +192,12 @@ def publish_start_model(folder: Path, source: ModelSource, served: ServedModel) 
     """Generation 0: the model the master resolved at start (a path is served from a copy)."""
     model_state.write_source(folder, source)
     path, origin = served.model_path, None
-    run_id = model_state.run_id_in_path(path)
+    run_id = enclosing_run_id(path)
     if source.model_path or (source.model_uri and parse_reference(source.model_uri).kind == "path"):
         path, digest = model_state.snapshot_checkpoint(folder, served.model_path)
         origin = str(served.model_path.absolute())
     else:
-        digest = model_state.file_sha256(path)
+        digest = file_sha256(path)
     desired = DesiredModel(0, served.model_uuid, str(path), digest, run_id, "start", origin)
     model_state.write_desired(folder, desired)
     return desired

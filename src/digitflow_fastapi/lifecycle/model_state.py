@@ -26,8 +26,9 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from digitflow.artifacts.run_layout import golden_path, is_run_id
+from digitflow.artifacts.run_layout import golden_path
 from digitflow.atomic import write_text_atomically
+from digitflow.digests import file_sha256
 
 SOURCE_FILE = "source.json"
 DESIRED_FILE = "desired.json"
@@ -65,20 +66,6 @@ class Refusals:
     count: int = 0
     last: dict[str, str] | None = None
     candidates: list[str] = field(default_factory=list)
-
-
-def file_sha256(path: Path) -> str:
-    """Hex SHA-256 of a file's bytes."""
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
-def run_id_in_path(path: Path) -> str | None:
-    """The run UUID of a `<run uuid>/...` folder the checkpoint sits in, if any."""
-    return next((p.name for p in path.absolute().parents if is_run_id(p.name)), None)
 
 
 def _read_json(path: Path) -> dict[str, Any] | None:

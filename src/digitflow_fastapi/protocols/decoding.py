@@ -27,7 +27,6 @@ import struct
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from functools import partial
-from typing import TYPE_CHECKING
 
 import numpy as np
 import numpy.typing as npt
@@ -38,9 +37,6 @@ from digitflow.inference.digit_locator import DEFAULT_MAX_COMPONENTS
 from digitflow.inference.image_structure import DEFAULT_MAX_SEGMENTS
 from digitflow.inference.preprocess import bytes_to_input, probe_image
 from digitflow_fastapi.errors import RequestError, status_for
-
-if TYPE_CHECKING:
-    from digitflow_fastapi.config import Settings
 
 FloatBatch = npt.NDArray[np.float32]
 Decode = Callable[[bytes, int, int], npt.NDArray[np.float32]]
@@ -79,7 +75,8 @@ def _probe_all(blobs: Sequence[bytes], max_segments: int) -> list[int | InvalidI
 
 @dataclass(frozen=True)
 class DecodeLimits:
-    """Per-image, per-request and per-worker decode limits (see the module docstring)."""
+    """Per-image, per-request and per-worker decode limits (see the module docstring); the
+    server builds them from its settings (`digitflow_fastapi.app.decode_limits`)."""
 
     max_pixels: int
     max_work_pixels: int
@@ -88,19 +85,6 @@ class DecodeLimits:
     inline_bytes: int = DEFAULT_INLINE_DECODE_BYTES
     max_segments: int = DEFAULT_MAX_SEGMENTS
     max_components: int = DEFAULT_MAX_COMPONENTS
-
-    @classmethod
-    def from_settings(cls, conf: Settings) -> DecodeLimits:
-        """The limits a worker's settings name (MAX_DECODE_PIXELS, INLINE_DECODE_MAX_BYTES…)."""
-        return cls(
-            max_pixels=conf.MAX_IMAGE_PIXELS,
-            max_work_pixels=conf.MAX_DECODE_PIXELS,
-            max_request_work_pixels=conf.MAX_REQUEST_DECODE_PIXELS,
-            large_slots=conf.MAX_LARGE_DECODES_PER_WORKER,
-            inline_bytes=conf.INLINE_DECODE_MAX_BYTES,
-            max_segments=conf.MAX_IMAGE_SEGMENTS,
-            max_components=conf.MAX_DIGIT_COMPONENTS,
-        )
 
 
 class ImageDecoder:

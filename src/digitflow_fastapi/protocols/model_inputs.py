@@ -18,6 +18,7 @@ from starlette.requests import Request
 
 from digitflow.inference.classifier import Prediction
 from digitflow_fastapi.deps import get_app_settings, get_service
+from digitflow_fastapi.edge.body_cap import check_received_bytes
 from digitflow_fastapi.errors import RequestError
 from digitflow_fastapi.protocols.decoding import ImageDecoder
 from digitflow_fastapi.protocols.predicting import predict_images
@@ -33,8 +34,7 @@ async def read_body(request: Request, max_bytes: int) -> bytes:
     received = bytearray()
     async for chunk in request.stream():
         received += chunk
-        if len(received) > max_bytes:
-            raise RequestError(413, f"request body exceeds MAX_UPLOAD_BYTES ({max_bytes})")
+        check_received_bytes(len(received), max_bytes)
     return bytes(received)
 
 

@@ -9,6 +9,7 @@ from functools import lru_cache
 from python_multipart.exceptions import MultipartParseError
 from python_multipart.multipart import MultipartParser, parse_options_header
 
+from digitflow_fastapi.edge.body_cap import check_received_bytes
 from digitflow_fastapi.errors import RequestError
 
 
@@ -114,8 +115,7 @@ async def read_multipart(
     try:
         async for chunk in stream:
             received += len(chunk)
-            if received > max_bytes:
-                raise RequestError(413, f"request body exceeds MAX_UPLOAD_BYTES ({max_bytes})")
+            check_received_bytes(received, max_bytes)
             parser.write(chunk)
         parser.finalize()
     except MultipartParseError as exc:

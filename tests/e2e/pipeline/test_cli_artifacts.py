@@ -21,9 +21,10 @@ import pytest
 import torch
 from typer.testing import CliRunner, Result
 
-from digitflow.artifacts.pull import file_sha256, verify_pulled_run
+from digitflow.artifacts.pull import verify_pulled_run
 from digitflow.cli.artifacts import Shell, export_lines
 from digitflow.cli.main import app
+from digitflow.digests import file_sha256
 from digitflow.inference.preprocess import bytes_to_input
 from digitflow.training.checkpoint import load_model
 from tests.support.artifact_stores import (

@@ -15,7 +15,12 @@ from hypothesis import strategies as st
 from PIL import Image
 
 from digitflow.errors import ImageTooLarge, InvalidImage
-from digitflow.inference.preprocess import DEFAULT_MAX_WORK_PIXELS, bytes_to_input, probe_image
+from digitflow.inference.preprocess import (
+    DEFAULT_MAX_IMAGE_PIXELS,
+    DEFAULT_MAX_WORK_PIXELS,
+    bytes_to_input,
+    probe_image,
+)
 from tests.support.image_floods import (
     dot_grid_png,
     gif_frame_flood,
@@ -30,7 +35,7 @@ MEMORY_LIMIT_BYTES = 50 * 1024 * 1024
 # the component cap, a 512² dot grid cost ~200 ms and a 256² one 50 ms).
 NOISE_CPU_LIMIT_S = 0.150
 # The server's default per-image pixel limit (MAX_IMAGE_PIXELS); the decode cost uses its default.
-MAX_PIXELS = 20_000_000
+MAX_PIXELS = DEFAULT_MAX_IMAGE_PIXELS
 
 
 def _encode(fmt: str, mode: str, size: tuple[int, int], frames: int, seed: int) -> bytes:

@@ -13,6 +13,7 @@ import pytest
 from PIL import Image
 
 from digitflow.inference.preprocess import ImageProbe, probe_image
+from digitflow_fastapi.app import decode_limits
 from digitflow_fastapi.config import Settings
 from digitflow_fastapi.errors import RequestError
 from digitflow_fastapi.protocols import decoding
@@ -172,7 +173,7 @@ def test_a_flood_is_refused_with_413_naming_the_image() -> None:
 
 def test_the_decode_limits_come_from_the_settings() -> None:
     conf = Settings(INLINE_DECODE_MAX_BYTES=0, MAX_IMAGE_SEGMENTS=7, MAX_DIGIT_COMPONENTS=9)
-    limits = DecodeLimits.from_settings(conf)
+    limits = decode_limits(conf)
     assert (limits.inline_bytes, limits.max_segments, limits.max_components) == (0, 7, 9)
     assert limits.max_work_pixels == conf.MAX_DECODE_PIXELS
     with pytest.raises(RequestError, match="more than 7 chunks"):

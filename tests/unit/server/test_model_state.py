@@ -7,6 +7,8 @@ import os
 import time
 from pathlib import Path
 
+from digitflow.artifacts.run_layout import enclosing_run_dir, enclosing_run_id
+from digitflow.digests import file_sha256
 from digitflow_fastapi import metrics
 from digitflow_fastapi.lifecycle import model_state
 from digitflow_fastapi.lifecycle.model_state import DesiredModel
@@ -40,13 +42,15 @@ def test_a_snapshot_keeps_the_verified_bytes_when_the_original_is_overwritten(
     source.write_bytes(b"corrupt")
     assert copy.read_bytes() == b"weights"
     assert (copy.parent / "golden.json").read_text() == "{}"
-    assert digest == model_state.file_sha256(copy)
+    assert digest == file_sha256(copy)
 
 
 def test_the_run_id_comes_from_a_run_folder_in_the_path() -> None:
     run = "0123456789abcdef0123456789abcdef"
-    assert model_state.run_id_in_path(Path(f"/m/{run}/artifacts/model/model.pt")) == run
-    assert model_state.run_id_in_path(Path("/m/current/model.pt")) is None
+    checkpoint = Path(f"/m/{run}/artifacts/model/model.pt")
+    assert enclosing_run_id(checkpoint) == run
+    assert enclosing_run_dir(checkpoint) == Path(f"/m/{run}")
+    assert enclosing_run_id(Path("/m/current/model.pt")) is None
 
 
 def _snapshot(folder: Path, pid: int, uuid: str, refused: int, age_s: float = 0.0) -> None:
