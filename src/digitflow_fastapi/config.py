@@ -87,10 +87,8 @@ class Settings(ModelSettings):
     MAX_BATCH_WAIT_MS: NonNegativeFloat = 0.0
     MAX_QUEUED_IMAGES_PER_WORKER: PositiveInt = 4096
     REQUEST_TIMEOUT_MS: NonNegativeFloat = 10_000.0  # 0: no deadline
-    DIGITFLOW_METRICS_DIR: Path | None = None
     # Model swaps: poll a `models:/name@alias` PRED_MODEL_URI every N s (0: only on SIGHUP).
     MODEL_POLL_SECONDS: NonNegativeFloat = 0.0
-    DIGITFLOW_MODEL_STATE_DIR: Path | None = None  # set by the gunicorn master for its workers
     OIP_MODEL_NAME: str = Field(default="mnist", pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
     MAX_JSON_VALUES: PositiveInt | None = Field(
         default=None,

@@ -11,7 +11,13 @@ from typing import Annotated, Literal
 import typer
 
 from digitflow import paths
-from digitflow.artifacts.refs import ServedModel, resolve_served_model
+from digitflow.artifacts.refs import (
+    PIN_VARIABLE,
+    ModelPin,
+    ServedModel,
+    pin_served_model,
+    served_model_of,
+)
 from digitflow.cli.common import handle_errors
 from digitflow.inference.selftest import SelfTestReport, load_checked_classifier
 from digitflow.logging_setup import configure_cli_logging
@@ -57,20 +63,17 @@ def gunicorn_argv(host: str, port: int, workers: int) -> list[str]:
 
 def choose_served_model(
     settings: CoreSettings, data_dir: Path, mlruns_dir: Path
-) -> tuple[ServedModel, SelfTestReport]:
-    """The configured model (or the default one, trained on first use), loaded and self-tested
-    here once so a bad checkpoint or a golden mismatch fails loudly, non-zero, before serving."""
+) -> tuple[ModelPin, ServedModel, SelfTestReport]:
+    """Decide the model to serve (the default one, trained on first use, if none is configured),
+    then load and self-test it here once, so a bad checkpoint or a golden mismatch fails loudly,
+    non-zero, before serving. The server this command becomes reads the decision (the pin)."""
     model_path, model_uuid = settings.PRED_MODEL_PATH, settings.PRED_MODEL_UUID or None
     if not settings.model_configured:
         default = ensure_default_model(paths.DEFAULT_TRAIN_CONFIG, data_dir, mlruns_dir)
         model_path, model_uuid = default.model_path, model_uuid or default.run_id
-    served = resolve_served_model(
-        model_path,
-        settings.PRED_MODEL_URI,
-        model_uuid,
-        settings.PRED_MODELS_DIR,
-        settings.store(mlruns_dir),
-    )
+    store = settings.store(mlruns_dir)
+    pin = pin_served_model(model_path, settings.PRED_MODEL_URI, model_uuid, store)
+    served = served_model_of(pin, settings.PRED_MODELS_DIR, store)
     _, report = load_checked_classifier(
         served.model_path,
         backend=settings.INFERENCE_BACKEND,
@@ -78,7 +81,7 @@ def choose_served_model(
         use_mps=settings.USE_MPS,
         cache_dir=settings.cache_dir(),
     )
-    return served, report
+    return pin, served, report
 
 
 @handle_errors
@@ -105,14 +108,12 @@ def serve_command(
     """Serve the REST API with gunicorn + uvicorn workers (the default model if none is set)."""
     configure_cli_logging()
     settings = read_core_settings()
-    served, report = choose_served_model(settings, data_dir, mlruns_dir)
+    pin, served, report = choose_served_model(settings, data_dir, mlruns_dir)
     n_workers = workers or settings.WEB_CONCURRENCY or default_workers()
     port = port or settings.PORT
-    os.environ["WEB_CONCURRENCY"] = str(n_workers)
-    if settings.PRED_MODEL_PATH is not None or not settings.PRED_MODEL_URI:
+    os.environ[PIN_VARIABLE] = pin.to_json()  # the decision, for the server this process becomes
+    if not settings.model_configured:  # the default model is served as if PRED_MODEL_PATH named it
         os.environ.update(PRED_MODEL_PATH=str(served.model_path), PRED_MODEL_UUID=served.model_uuid)
-    # else PRED_MODEL_URI stays the configured reference (its run is pulled now), so SIGHUP and
-    # MODEL_POLL_SECONDS re-resolve it in the server
     argv = gunicorn_argv(host, port, n_workers)
     scale = f"{n_workers} workers"
     if engine == "ray":  # by module name: the core never imports the web layer
