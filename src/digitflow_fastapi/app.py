@@ -1,8 +1,8 @@
 """The FastAPI application factory: the model is loaded once per worker, in the lifespan.
 
-Which model is decided once (`digitflow.artifacts.refs.resolve_served_model`): under gunicorn the
-master decides before forking and pins every worker to the same file (see `gunicorn_conf`);
-under plain uvicorn the single process decides itself.
+Which model is decided once per start (`digitflow.artifacts.refs.pin_served_model`, see
+`lifecycle.handoff`): a gunicorn worker reads the master's decision from the model state folder;
+a Ray replica is given it; only a single uvicorn process decides itself.
 """
 
 from __future__ import annotations
@@ -22,8 +22,8 @@ from typing import NoReturn
 
 from fastapi import FastAPI
 
-from digitflow.artifacts.refs import ServedModel, resolve_served_model
-from digitflow.errors import DigitflowError, SelfTestFailed
+from digitflow.artifacts.refs import ServedModel, served_model_of
+from digitflow.errors import ConfigError, DigitflowError, SelfTestFailed
 from digitflow.inference.classifier import Classifier
 from digitflow.inference.microbatch import MicroBatcher
 from digitflow.inference.selftest import SelfTestReport, load_checked_classifier, worker_threads
@@ -37,6 +37,8 @@ from digitflow_fastapi.edge.asgi import LeanFastAPI
 from digitflow_fastapi.edge.checks import Edge
 from digitflow_fastapi.errors import install_error_handlers
 from digitflow_fastapi.health import router as health_router
+from digitflow_fastapi.lifecycle.handoff import Handoff, decided_pin, read_handoff
+from digitflow_fastapi.lifecycle.model_state import DesiredModel
 from digitflow_fastapi.lifecycle.model_swap import ModelFollower, desired_at_boot
 from digitflow_fastapi.protocols.decoding import DecodeLimits, ImageDecoder
 from digitflow_fastapi.protocols.mlflow_scoring import router as mlflow_router
@@ -49,17 +51,6 @@ from digitflow_fastapi.responses import OrjsonResponse
 logger = logging.getLogger(__name__)
 
 Lifespan = Callable[[FastAPI], AbstractAsyncContextManager[None]]
-
-
-def served_model(settings: Settings) -> ServedModel:
-    """The model this process serves, from PRED_MODEL_PATH or PRED_MODEL_URI."""
-    return resolve_served_model(
-        settings.PRED_MODEL_PATH,
-        settings.PRED_MODEL_URI,
-        settings.PRED_MODEL_UUID or None,
-        settings.PRED_MODELS_DIR,
-        read_core_settings().store(),
-    )
 
 
 def load_served_classifier(
@@ -76,26 +67,46 @@ def load_served_classifier(
     )
 
 
-def _load(settings: Settings, given: Classifier | None) -> tuple[Classifier, Readiness] | Readiness:
-    """The classifier and its readiness, or only a failed readiness (the worker stays up).
+def _model_to_serve(
+    settings: Settings, handoff: Handoff, given: ServedModel | None
+) -> tuple[ServedModel, DesiredModel | None]:
+    """Which model this worker loads, read from the start's decision (raises DigitflowError).
 
-    Under the gunicorn master a worker serves the state folder's newest generation (the
-    start-up model, or the last one swapped in), so a respawned worker matches its siblings.
+    Under the gunicorn master: the state folder's newest generation (the start-up model, or the
+    last one swapped in), so a respawned worker matches its siblings. A Ray replica is `given`
+    its pinned model. A single uvicorn process makes the decision itself.
     """
+    state = handoff.DIGITFLOW_MODEL_STATE_DIR
+    if state is not None:
+        desired = desired_at_boot(state)
+        if desired is None:
+            raise ConfigError(f"the model state folder {state} names no model to serve")
+        return ServedModel(Path(desired.model_path), desired.model_uuid), desired
+    if given is not None:
+        return given, None
+    store = read_core_settings().store()
+    pin = decided_pin(settings, handoff, store)
+    return served_model_of(pin, settings.PRED_MODELS_DIR, store), None
+
+
+def _load(
+    settings: Settings,
+    handoff: Handoff,
+    given: Classifier | None,
+    given_model: ServedModel | None,
+) -> tuple[Classifier, Readiness] | Readiness:
+    """The classifier and its readiness, or only a failed readiness (the worker stays up)."""
     if given is not None:
         given.warm_up()
         report = SelfTestReport(golden_checked=0, golden_file=None)
         return given, Readiness.serving(settings.PRED_MODEL_UUID, report)
-    desired = desired_at_boot(settings.DIGITFLOW_MODEL_STATE_DIR)
+    desired: DesiredModel | None = None
     try:
-        if desired is not None:
-            served = ServedModel(Path(desired.model_path), desired.model_uuid)
-        else:
-            served = served_model(settings)
+        served, desired = _model_to_serve(settings, handoff, given_model)
         classifier, report = load_served_classifier(settings, served)
     except SelfTestFailed as exc:
         logger.error("not ready: %s", exc)
-        return Readiness.self_test_failed(settings.PRED_MODEL_UUID, str(exc))
+        return Readiness.self_test_failed(served.model_uuid, str(exc))
     except DigitflowError as exc:
         copied = f" (a copy of {desired.origin})" if desired and desired.origin else ""
         stop_worker_at_boot(f"start-up failed: {exc}{copied}")
@@ -128,10 +139,9 @@ def _freeze_start_up_objects() -> None:
 
 
 def _start_follower(
-    app: FastAPI, conf: Settings, readiness: Readiness
+    app: FastAPI, conf: Settings, state: Path | None, readiness: Readiness
 ) -> asyncio.Task[None] | None:
     """Follow the master's model swaps (see `model_swap`), if there is a master keeping state."""
-    state = conf.DIGITFLOW_MODEL_STATE_DIR
     if state is None:
         if conf.MODEL_POLL_SECONDS > 0:
             logger.warning("MODEL_POLL_SECONDS is ignored without the gunicorn master")
@@ -148,15 +158,18 @@ async def _cancel(task: asyncio.Task[None] | None) -> None:
             await task
 
 
-def build_lifespan(settings: Settings | None, classifier: Classifier | None) -> Lifespan:
+def build_lifespan(
+    settings: Settings | None, classifier: Classifier | None, served: ServedModel | None = None
+) -> Lifespan:
     """The lifespan: load and check the model, run the micro-batcher, publish metrics."""
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         conf = settings or get_settings()
+        handoff: Handoff = app.state.handoff
         app.state.settings = conf
         configure_logging_from_file(conf.LOGGER_CONFIG_PATH)
-        loaded = _load(conf, classifier)
+        loaded = _load(conf, handoff, classifier, served)
         if isinstance(loaded, Readiness):
             app.state.readiness = loaded
             yield
@@ -177,9 +190,9 @@ def build_lifespan(settings: Settings | None, classifier: Classifier | None) -> 
         metrics.METRICS.model.uuid = readiness.model_uuid or ""
         logger.info("model ready (%d golden images checked)", readiness.golden_checked or 0)
         _freeze_start_up_objects()
-        folder = conf.DIGITFLOW_METRICS_DIR
+        folder = handoff.DIGITFLOW_METRICS_DIR
         publisher = asyncio.create_task(metrics.publish_forever(folder)) if folder else None
-        follower = _start_follower(app, conf, readiness)
+        follower = _start_follower(app, conf, handoff.DIGITFLOW_MODEL_STATE_DIR, readiness)
         try:
             yield
         finally:
@@ -204,8 +217,16 @@ def decode_limits(conf: Settings) -> DecodeLimits:
     )
 
 
-def create_app(settings: Settings | None = None, classifier: Classifier | None = None) -> FastAPI:
-    """Build the app; nothing is loaded until the lifespan starts."""
+def create_app(
+    settings: Settings | None = None,
+    classifier: Classifier | None = None,
+    served: ServedModel | None = None,
+) -> FastAPI:
+    """Build the app; nothing is loaded until the lifespan starts.
+
+    `served`: the model to serve, when the caller was handed the start's decision (a Ray
+    replica); `classifier`: one already loaded (tests).
+    """
     conf = settings or get_settings()
     app = LeanFastAPI(
         max_body_bytes=conf.MAX_UPLOAD_BYTES,
@@ -214,12 +235,13 @@ def create_app(settings: Settings | None = None, classifier: Classifier | None =
         title=conf.API_NAME,
         description="Recognises a handwritten digit (0–9) in an uploaded image.",
         default_response_class=OrjsonResponse,
-        lifespan=build_lifespan(settings, classifier),
+        lifespan=build_lifespan(settings, classifier, served),
         docs_url=None,
         redoc_url=None,
     )
     app.state.service = None
     app.state.settings = conf
+    app.state.handoff = read_handoff()
     app.state.decoder = ImageDecoder(decode_limits(conf))
     app.state.readiness = NOT_LOADED
     install_error_handlers(app)

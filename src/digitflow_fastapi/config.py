@@ -164,22 +164,12 @@ class Settings(ModelSettings):
         description="A request the model has not answered this long after it was queued gets 504; "
         "0: no deadline.",
     )
-    DIGITFLOW_METRICS_DIR: Path | None = Field(
-        default=None,
-        description="Internal: where workers publish metric snapshots for `/metrics` (wiped at "
-        "start); a temporary folder made by the gunicorn master.",
-    )
     # Model swaps: poll a `models:/name@alias` PRED_MODEL_URI every N s (0: only on SIGHUP).
     MODEL_POLL_SECONDS: NonNegativeFloat = Field(
         default=0.0,
         description="With `PRED_MODEL_URI=models:/<name>@<alias>`, ask the registry every N s and "
         "swap when the alias moves; 0: swap only on SIGHUP (any other reference with N > 0: "
         "start-up fails with one line).",
-    )
-    DIGITFLOW_MODEL_STATE_DIR: Path | None = Field(
-        default=None,
-        description="Internal: where the gunicorn master publishes the model every worker should "
-        "serve and the refused swaps (a temporary folder it makes); not meant to be set by hand.",
     )
     OIP_MODEL_NAME: str = Field(
         default="mnist",

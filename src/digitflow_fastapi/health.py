@@ -60,5 +60,5 @@ def _may_see_details(request: Request) -> bool:
 )
 async def prometheus_metrics(request: Request) -> Response:
     """Request counts by status, images, latency and batch-size histograms, in Prometheus text."""
-    folder = request.app.state.settings.DIGITFLOW_METRICS_DIR
+    folder = request.app.state.handoff.DIGITFLOW_METRICS_DIR
     return PrometheusText(metrics.render(folder))

@@ -1,13 +1,16 @@
 """Model references (a run UUID, `runs:/`, `models:/name/version`, `models:/name@alias`, a path)
-made into one pinned run id and local checkpoint, and the one decision of which model to serve."""
+made into one pinned run id and local checkpoint, and the one decision of which model to serve
+(`pin_served_model`)."""
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import logging
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING, Final, Literal
 
 from digitflow.artifacts.run_layout import (
     CHECKPOINT_FILENAME,
@@ -128,32 +131,72 @@ def resolve_model(reference: str, models_dir: Path, store: StoreConfig) -> Resol
     return ResolvedModel(run_id=run_id, model_path=result.model_path.absolute())
 
 
+# The environment variable `digitflow serve` hands its decision (a `ModelPin` as JSON) on in, to
+# the gunicorn master or Ray driver it then becomes (it execs them, in the same process).
+PIN_VARIABLE: Final = "DIGITFLOW_SERVED_MODEL"
+
+
+@dataclass(frozen=True)
+class ModelPin:
+    """Which model a server serves, decided once per start (`pin_served_model`).
+
+    A checkpoint path, or a run as `runs:/<run id>/model` (a registry alias that moves later does
+    not move it), and the UUID the API reports. Every process of the server reads this decision;
+    none decides again (a model swap is a new decision, verified first: see the server's
+    `lifecycle.model_keeper`).
+    """
+
+    model_path: str | None
+    model_uri: str | None
+    model_uuid: str
+
+    def to_json(self) -> str:
+        """The pin as JSON, for `PIN_VARIABLE`."""
+        return json.dumps(dataclasses.asdict(self))
+
+
 @dataclass(frozen=True)
 class ServedModel:
-    """The one model a server (all its workers) serves: a local checkpoint and its run UUID."""
+    """The pinned model on this machine: a local checkpoint and the UUID the API reports."""
 
     model_path: Path
     model_uuid: str
 
 
-def resolve_served_model(
+def pin_served_model(
     model_path: Path | None,
     model_uri: str | None,
     model_uuid: str | None,
-    models_dir: Path,
     store: StoreConfig,
-) -> ServedModel:
-    """Decide, once, which model to serve.
+) -> ModelPin:
+    """Decide which model to serve: the one place this is decided, once per server start.
 
-    `model_path` (PRED_MODEL_PATH) wins; else `model_uri` (PRED_MODEL_URI) is resolved (pulled if
-    needed) and pinned to its run. `model_uuid` (PRED_MODEL_UUID) is what the API reports; when it
-    is not given, the run the model came from is.
+    `model_path` (PRED_MODEL_PATH) wins and must be a file. Else `model_uri` (PRED_MODEL_URI): a
+    local path is checked (against its pull's manifest, if any); a run or registry reference is
+    pinned to its run id (the registry is asked here), without downloading it. `model_uuid`
+    (PRED_MODEL_UUID) is what the API reports; when it is not given, the run the model came from.
     """
     if model_path is not None:
         if not model_path.is_file():
             raise ModelNotFound(f"no checkpoint at {model_path} (PRED_MODEL_PATH)")
-        return ServedModel(model_path, model_uuid or "")
+        return ModelPin(str(model_path), None, model_uuid or "")
     if model_uri:
-        resolved = resolve_model(model_uri, models_dir, store)
-        return ServedModel(resolved.model_path, model_uuid or resolved.run_id or "")
+        if parse_reference(model_uri).kind == "path":
+            local = _local_model(model_uri)
+            return ModelPin(str(local.model_path), None, model_uuid or local.run_id or "")
+        run_id = resolve_run_id(model_uri, store)
+        return ModelPin(None, f"runs:/{run_id}/model", model_uuid or run_id)
     raise ConfigError("set PRED_MODEL_PATH (or PRED_MODEL_URI) to the model to serve")
+
+
+def served_model_of(pin: ModelPin, models_dir: Path, store: StoreConfig) -> ServedModel:
+    """The pinned model made local: its path, or its run pulled into `models_dir` (only if it is
+    not there and intact). Decides nothing: the run is the pinned one."""
+    if pin.model_path is not None:
+        path = Path(pin.model_path)
+        if not path.is_file():
+            raise ModelNotFound(f"no checkpoint at {path}")
+        return ServedModel(path, pin.model_uuid)
+    if not pin.model_uri:
+        raise ConfigError("the model pin names neither a checkpoint nor a run")
+    return ServedModel(resolve_model(pin.model_uri, models_dir, store).model_path, pin.model_uuid)

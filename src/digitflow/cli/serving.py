@@ -16,7 +16,7 @@ from digitflow.logging_setup import configure_cli_logging
 from digitflow.settings import CoreSettings, read_core_settings
 
 if TYPE_CHECKING:  # imported inside the commands: `--help` stays free of torch and MLflow
-    from digitflow.artifacts.refs import ServedModel
+    from digitflow.artifacts.refs import ModelPin, ServedModel
     from digitflow.inference.selftest import SelfTestReport
 
 logger = logging.getLogger(__name__)
@@ -58,10 +58,11 @@ def gunicorn_argv(host: str, port: int, workers: int) -> list[str]:
 
 def choose_served_model(
     settings: CoreSettings, data_dir: Path, mlruns_dir: Path
-) -> tuple[ServedModel, SelfTestReport]:
-    """The configured model (or the default one, trained on first use), loaded and self-tested
-    here once so a bad checkpoint or a golden mismatch fails loudly, non-zero, before serving."""
-    from digitflow.artifacts.refs import resolve_served_model
+) -> tuple[ModelPin, ServedModel, SelfTestReport]:
+    """Decide the model to serve (the default one, trained on first use, if none is configured),
+    then load and self-test it here once, so a bad checkpoint or a golden mismatch fails loudly,
+    non-zero, before serving. The server this command becomes reads the decision (the pin)."""
+    from digitflow.artifacts.refs import pin_served_model, served_model_of
     from digitflow.inference.selftest import load_checked_classifier
     from digitflow.training.default_model import ensure_default_model
 
@@ -69,13 +70,9 @@ def choose_served_model(
     if not settings.model_configured:
         default = ensure_default_model(paths.DEFAULT_TRAIN_CONFIG, data_dir, mlruns_dir)
         model_path, model_uuid = default.model_path, model_uuid or default.run_id
-    served = resolve_served_model(
-        model_path,
-        settings.PRED_MODEL_URI,
-        model_uuid,
-        settings.PRED_MODELS_DIR,
-        settings.store(mlruns_dir),
-    )
+    store = settings.store(mlruns_dir)
+    pin = pin_served_model(model_path, settings.PRED_MODEL_URI, model_uuid, store)
+    served = served_model_of(pin, settings.PRED_MODELS_DIR, store)
     _, report = load_checked_classifier(
         served.model_path,
         backend=settings.INFERENCE_BACKEND,
@@ -83,7 +80,7 @@ def choose_served_model(
         use_mps=settings.USE_MPS,
         cache_dir=settings.cache_dir(),
     )
-    return served, report
+    return pin, served, report
 
 
 @handle_errors
@@ -108,16 +105,16 @@ def serve_command(
     ] = 1,
 ) -> None:
     """Serve the REST API with gunicorn + uvicorn workers (the default model if none is set)."""
+    from digitflow.artifacts.refs import PIN_VARIABLE
+
     configure_cli_logging()
     settings = read_core_settings()
-    served, report = choose_served_model(settings, data_dir, mlruns_dir)
+    pin, served, report = choose_served_model(settings, data_dir, mlruns_dir)
     n_workers = workers or settings.WEB_CONCURRENCY or default_workers()
     port = port or settings.PORT
-    os.environ["WEB_CONCURRENCY"] = str(n_workers)
-    if settings.PRED_MODEL_PATH is not None or not settings.PRED_MODEL_URI:
+    os.environ[PIN_VARIABLE] = pin.to_json()  # the decision, for the server this process becomes
+    if not settings.model_configured:  # the default model is served as if PRED_MODEL_PATH named it
         os.environ.update(PRED_MODEL_PATH=str(served.model_path), PRED_MODEL_UUID=served.model_uuid)
-    # else PRED_MODEL_URI stays the configured reference (its run is pulled now), so SIGHUP and
-    # MODEL_POLL_SECONDS re-resolve it in the server
     argv = gunicorn_argv(host, port, n_workers)
     scale = f"{n_workers} workers"
     if engine == "ray":  # by module name: the core never imports the web layer

@@ -1,9 +1,10 @@
 """gunicorn settings and hooks: loaded by `digitflow serve` (`-c python:<this module>`) and,
 through the thin `src/gunicorn.conf.py`, by the seed's command run from `src/`.
 
-- The master decides which model to serve once, before forking (`resolve_served_model`), and
-  pins every worker, respawned ones included, to that file and run UUID through the environment
-  they inherit: a registry alias that moves later cannot make two workers serve two models.
+- The master decides which model to serve once, before forking (`handoff.decided_pin`: the
+  decision `digitflow serve` made before it became this master, else made here), and publishes
+  it as generation 0 of the model state folder, which every worker, respawned ones included,
+  reads: a registry alias that moves later cannot make two workers serve two models.
 - Forwarded headers (X-Forwarded-For/-Proto) are believed only from `FORWARDED_ALLOW_IPS`
   (empty by default; gunicorn's own default would trust 127.0.0.1).
 - Every uvicorn worker gets `connection_guard` (header and body deadlines, header and connection
@@ -19,7 +20,8 @@ through the thin `src/gunicorn.conf.py`, by the seed's command run from `src/`.
 - Model swaps: SIGHUP does not reload gunicorn's config or replace workers; it re-resolves the
   configured model, verifies it in a child process and the workers switch in place
   (`model_keeper`, `model_state`, `model_swap`); `MODEL_POLL_SECONDS` follows a registry alias.
-- Metrics: `DIGITFLOW_METRICS_DIR` (a fresh temporary folder unless set) is where workers write
+- Metrics: `DIGITFLOW_METRICS_DIR` (a fresh temporary folder unless set; see `handoff`) is
+  where workers write
   their metric snapshots, so `/metrics` reports all of them (see `digitflow_fastapi.metrics`);
   the folder is removed at exit if this module made it.
 """
@@ -42,6 +44,7 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from digitflow.artifacts.refs import ServedModel
     from digitflow_fastapi.config import Settings
+    from digitflow_fastapi.lifecycle.handoff import Handoff
 
 __all__ = [
     "control_socket_disable",
@@ -134,18 +137,20 @@ def _prepare_metrics_dir(configured: Path | None) -> None:
         stale.unlink()
 
 
-def _pin_served_model(settings: Settings) -> ServedModel:
-    """Resolve the model once and hand every worker the same file and UUID (or exit, one line)."""
+def _served_model(settings: Settings, handoff: Handoff) -> ServedModel:
+    """The start's one decision of which model to serve, made local here (a run is pulled), or
+    exit with one line."""
+    from digitflow.artifacts.refs import served_model_of
     from digitflow.errors import DigitflowError
-    from digitflow_fastapi.app import served_model
+    from digitflow.settings import read_core_settings
+    from digitflow_fastapi.lifecycle.handoff import decided_pin
 
     try:
-        served = served_model(settings)
+        store = read_core_settings().store()
+        pin = decided_pin(settings, handoff, store)
+        return served_model_of(pin, settings.PRED_MODELS_DIR, store)
     except DigitflowError as exc:
         sys.exit(f"start-up failed: {exc}")
-    os.environ["PRED_MODEL_PATH"] = str(served.model_path)
-    os.environ["PRED_MODEL_UUID"] = served.model_uuid
-    return served
 
 
 def _prepare_model_state(server: Any, settings: Settings, served: ServedModel) -> None:
@@ -195,22 +200,24 @@ def _start_swap(server: Any, folder: Path) -> None:
 
 
 def on_starting(server: Any) -> None:
-    """Refuse a busy port, pin the model, export the worker count, prepare the metrics and
+    """Refuse a busy port, decide the model, export the worker count, prepare the metrics and
     model-state folders, make SIGHUP a model swap."""
     from digitflow.errors import ConfigError
     from digitflow_fastapi.config import get_settings
+    from digitflow_fastapi.lifecycle.handoff import read_handoff
 
     _refuse_busy_ports(list(server.cfg.address))
     _advise_migrate_req(server)
     try:
-        settings = get_settings()
+        settings, handoff = get_settings(), read_handoff()
     except ConfigError as exc:
         sys.exit(f"start-up failed: {exc}")
-    served = _pin_served_model(settings)
+    served = _served_model(settings, handoff)
     os.environ["WEB_CONCURRENCY"] = str(server.cfg.workers)
-    _prepare_metrics_dir(settings.DIGITFLOW_METRICS_DIR)
+    _prepare_metrics_dir(handoff.DIGITFLOW_METRICS_DIR)
     _prepare_model_state(server, settings, served)
     get_settings.cache_clear()  # workers read the values exported here
+    read_handoff.cache_clear()
 
 
 def post_worker_init(worker: Any) -> None:

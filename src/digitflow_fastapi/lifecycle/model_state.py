@@ -1,15 +1,15 @@
 """The per-server model state folder: which model every worker should serve, and what was refused.
 
-The gunicorn master makes the folder (`DIGITFLOW_MODEL_STATE_DIR`) and writes the model it
-resolved at start as generation 0. A swap (`SIGHUP`, or a moved registry alias) is verified
-outside the workers by `digitflow_fastapi.lifecycle.model_keeper`, which writes the next
-generation only once the new model loaded and reproduced its golden answers, or a refusal record
-otherwise. Workers only read: they poll `desired.json` and switch when its generation grows, and a
-worker that (re)boots serves the newest generation, not the start-up model.
+The gunicorn master makes the folder (`DIGITFLOW_MODEL_STATE_DIR`, see `handoff`) and writes the
+model decided at start as generation 0: this is how its workers read that decision. A swap
+(`SIGHUP`, or a moved registry alias) is verified outside the workers by
+`digitflow_fastapi.lifecycle.model_keeper`, which writes the next generation only once the new
+model loaded and reproduced its golden answers, or a refusal record otherwise. Workers only read:
+they poll `desired.json` and switch when its generation grows, and a worker that (re)boots serves
+the newest generation, not the start-up model.
 
 Files, each replaced atomically (a reader sees the old or the new one, never half):
-- `source.json`: the model reference as configured (the master overwrites `PRED_MODEL_PATH`
-  and `PRED_MODEL_UUID` in its environment, so a swap must not read them from there);
+- `source.json`: the model reference as configured at start: what a swap resolves again;
 - `desired.json`: generation, model uuid, run id, checkpoint path, its SHA-256;
 - `refusals.json`: how many swaps were refused, the last one, and the candidates refused.
 

@@ -3,8 +3,9 @@
 Each replica runs the very FastAPI app gunicorn serves (`create_app`, its lifespan, its errors),
 behind Ray Serve's HTTP proxy (`@serve.ingress`, with the app built inside the replica).
 
-- The model is decided once, where the application is built (`pin_model`): a local checkpoint,
-  or a `runs:/`/`models:/` reference pinned to one run id, so a registry alias that moves later
+- The model is decided once, where the application is built (`digitflow serve` hands its
+  decision on; else `pin_served_model` decides here): a local checkpoint, or a
+  `runs:/`/`models:/` reference pinned to one run id, so a registry alias that moves later
   cannot make two replicas serve two models.
 - Each replica makes the pin local (a run is pulled into that node's `PRED_MODELS_DIR` only if it
   is not there and intact) and loads and self-tests the model once, in the app's lifespan.
@@ -24,7 +25,6 @@ import os
 import signal
 import sys
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -34,11 +34,12 @@ from ray import serve
 from ray.serve import Application
 from ray.serve.deployment import Deployment
 
-from digitflow.artifacts.refs import parse_reference, resolve_run_id, resolve_served_model
+from digitflow.artifacts.refs import ModelPin, ServedModel, pin_served_model, served_model_of
 from digitflow.errors import DigitflowError
-from digitflow.settings import StoreConfig, read_core_settings
+from digitflow.settings import read_core_settings
 from digitflow_fastapi.app import create_app
 from digitflow_fastapi.config import Settings, get_settings
+from digitflow_fastapi.lifecycle.handoff import decided_pin, read_handoff
 
 logger = logging.getLogger(__name__)
 
@@ -50,52 +51,16 @@ DEFAULT_OBJECT_STORE_MB = 200
 DEFAULT_MAX_ONGOING = 64
 
 
-@dataclass(frozen=True)
-class ModelPin:
-    """The one model every replica serves: a checkpoint path or a `runs:/` URI, and its UUID."""
-
-    model_path: str | None
-    model_uri: str | None
-    model_uuid: str
+def replica_model(pin: ModelPin) -> ServedModel:
+    """The pinned model on this replica's node (a run is pulled into its PRED_MODELS_DIR)."""
+    return served_model_of(pin, get_settings().PRED_MODELS_DIR, read_core_settings().store())
 
 
-def pin_model(
-    model_path: Path | None,
-    model_uri: str | None,
-    model_uuid: str | None,
-    models_dir: Path,
-    store: StoreConfig,
-) -> ModelPin:
-    """Decide the served model once.
-
-    A path (PRED_MODEL_PATH) must exist here and on every node (a shared volume). A run or
-    registry reference (PRED_MODEL_URI) is pinned to `runs:/<run id>/model` without pulling it:
-    each replica pulls it on its own node when needed.
-    """
-    if model_path is None and model_uri and parse_reference(model_uri).kind != "path":
-        run_id = resolve_run_id(model_uri, store)
-        return ModelPin(None, f"runs:/{run_id}/model", model_uuid or run_id)
-    served = resolve_served_model(model_path, model_uri, model_uuid, models_dir, store)
-    return ModelPin(str(served.model_path), None, served.model_uuid)
-
-
-def replica_settings(pin: ModelPin, threads: int) -> Settings:
-    """This replica's server settings: the environment's, pinned to the model, made local."""
+def replica_settings(threads: int) -> Settings:
+    """This replica's server settings: the environment's, with its share of threads."""
     settings = get_settings()
-    served = resolve_served_model(
-        Path(pin.model_path) if pin.model_path else None,
-        pin.model_uri,
-        pin.model_uuid or None,
-        settings.PRED_MODELS_DIR,
-        read_core_settings().store(),
-    )
     return settings.model_copy(
-        update={
-            "PRED_MODEL_PATH": served.model_path,
-            "PRED_MODEL_UUID": served.model_uuid,
-            "TORCH_THREADS": settings.TORCH_THREADS or threads,
-            "WEB_CONCURRENCY": 1,
-        }
+        update={"TORCH_THREADS": settings.TORCH_THREADS or threads, "WEB_CONCURRENCY": 1}
     )
 
 
@@ -108,7 +73,7 @@ class DigitflowReplica:
 
     def __serve_build_asgi_app__(self) -> FastAPI:
         """Called by Ray Serve after `__init__`; the app's lifespan then loads the model."""
-        return create_app(replica_settings(self._pin, self._threads))
+        return create_app(replica_settings(self._threads), served=replica_model(self._pin))
 
     def check_health(self) -> None:
         """Ray replaces a replica whose model is not loaded and self-tested."""
@@ -135,14 +100,16 @@ class AppArgs(BaseModel):
 
 def build_app(args: AppArgs) -> Application:
     """The Serve application: `import_path: digitflow_fastapi.scale.ray_serve:build_app`."""
-    settings = get_settings()
-    pin = pin_model(
-        Path(args.model_path) if args.model_path else settings.PRED_MODEL_PATH,
-        args.model_uri or settings.PRED_MODEL_URI,
-        args.model_uuid or settings.PRED_MODEL_UUID or None,
-        settings.PRED_MODELS_DIR,
-        read_core_settings().store(),
-    )
+    settings, store = get_settings(), read_core_settings().store()
+    if args.model_path or args.model_uri or args.model_uuid:  # the config names its own model
+        pin = pin_served_model(
+            Path(args.model_path) if args.model_path else settings.PRED_MODEL_PATH,
+            args.model_uri or settings.PRED_MODEL_URI,
+            args.model_uuid or settings.PRED_MODEL_UUID or None,
+            store,
+        )
+    else:
+        pin = decided_pin(settings, read_handoff(), store)
     logger.info("serving model %s from %s", pin.model_uuid, pin.model_path or pin.model_uri)
     deployment = DigitflowAPI.options(
         num_replicas=args.replicas,

@@ -24,12 +24,13 @@ import pytest
 import yaml
 
 from digitflow import paths
+from digitflow.artifacts.refs import ModelPin, pin_served_model
 from digitflow.errors import ModelNotFound
 from digitflow.inference.classifier import Classifier
 from digitflow.inference.preprocess import bytes_to_input
 from digitflow.settings import StoreConfig
 from digitflow_fastapi.config import get_settings
-from digitflow_fastapi.scale.ray_serve import ModelPin, pin_model, replica_settings
+from digitflow_fastapi.scale.ray_serve import replica_model, replica_settings
 from tests.support.artifact_stores import MlflowStack, StackRuns
 from tests.support.gunicorn_server import TrainedModel
 from tests.support.processes import ServerProcess, free_port, free_ports, start_process
@@ -208,13 +209,13 @@ def test_ray_engine_rejects_a_body_without_image_file_with_a_4xx_json(
 def test_pinning_a_checkpoint_path_keeps_the_path_and_the_given_uuid(tmp_path: Path) -> None:
     checkpoint = tmp_path / "model.pt"
     checkpoint.write_bytes(b"weights")
-    pin = pin_model(checkpoint, None, "abc", tmp_path, StoreConfig())
+    pin = pin_served_model(checkpoint, None, "abc", StoreConfig())
     assert pin == ModelPin(str(checkpoint), None, "abc")
 
 
 def test_pinning_a_missing_checkpoint_fails_before_ray_starts(tmp_path: Path) -> None:
     with pytest.raises(ModelNotFound):
-        pin_model(tmp_path / "gone.pt", None, None, tmp_path, StoreConfig())
+        pin_served_model(tmp_path / "gone.pt", None, None, StoreConfig())
 
 
 @dataclass
@@ -357,7 +358,7 @@ def test_a_registry_alias_is_pinned_to_its_run_once_and_each_replica_pulls_that_
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     store = StoreConfig(tracking_uri=mlflow_stack.proxy.url, timeout=5.0)
-    pin = pin_model(None, "models:/digits@champion", None, tmp_path / "driver", store)
+    pin = pin_served_model(None, "models:/digits@champion", None, store)
     run_id = stack_runs.proxy_run
     assert pin == ModelPin(None, f"runs:/{run_id}/model", run_id)
     assert not (tmp_path / "driver").exists()  # pinned, not pulled, where the app is built
@@ -368,11 +369,12 @@ def test_a_registry_alias_is_pinned_to_its_run_once_and_each_replica_pulls_that_
     monkeypatch.setenv("PRED_MODELS_DIR", str(tmp_path / "node"))
     get_settings.cache_clear()
     try:
-        settings = replica_settings(pin, threads=1)
+        settings = replica_settings(threads=1)
+        served = replica_model(pin)
     finally:
         get_settings.cache_clear()
-    assert run_id == settings.PRED_MODEL_UUID
+    assert run_id == served.model_uuid
     expected = tmp_path / "node" / run_id / "artifacts" / "model" / "model.pt"
-    assert settings.PRED_MODEL_PATH.resolve() == expected.resolve()
-    assert settings.PRED_MODEL_PATH.is_file()
+    assert served.model_path.resolve() == expected.resolve()
+    assert served.model_path.is_file()
     assert (settings.TORCH_THREADS, settings.WEB_CONCURRENCY) == (1, 1)

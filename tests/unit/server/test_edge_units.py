@@ -12,11 +12,13 @@ from digitflow.errors import ConfigError
 from digitflow.logging_setup import JsonFormatter, RequestIdFilter, current_request_id
 from digitflow_fastapi.app import create_app
 from digitflow_fastapi.config import Settings, get_settings
+from digitflow_fastapi.edge.body_cap import check_declared_length, check_received_bytes
 from digitflow_fastapi.edge.cors import CorsPolicy
 from digitflow_fastapi.edge.keys import KeyChecker, presented_key
 from digitflow_fastapi.edge.rate_limit import RateLimiter
 from digitflow_fastapi.edge.request_log import RequestIds, loggable
 from digitflow_fastapi.edge.routing import RoutePolicy, RouteTable
+from digitflow_fastapi.errors import RequestError
 
 KEY = "test-key-0123456789abcdef"
 
@@ -200,3 +202,28 @@ def test_every_line_logged_while_a_request_is_handled_carries_its_id() -> None:
     outside = logging.LogRecord("digitflow.x", logging.INFO, __file__, 1, "outside", (), None)
     RequestIdFilter().filter(outside)
     assert "request_id" not in json.loads(JsonFormatter().format(outside))
+
+
+def test_the_body_cap_refuses_a_body_one_byte_over_with_413_naming_the_setting() -> None:
+    check_received_bytes(100, 100)
+    with pytest.raises(RequestError) as refused:
+        check_received_bytes(101, 100)
+    assert (refused.value.status_code, refused.value.detail) == (
+        413,
+        "request body exceeds MAX_UPLOAD_BYTES (100)",
+    )
+
+
+@pytest.mark.parametrize(
+    ("declared", "status"), [(b"101", 413), (b"-1", 400), (b"ten", 400), (b"100", None)]
+)
+def test_a_declared_length_over_the_cap_or_invalid_is_refused_and_closes(
+    declared: bytes, status: int | None
+) -> None:
+    if status is None:
+        check_declared_length(declared, 100)
+        return
+    with pytest.raises(RequestError) as refused:
+        check_declared_length(declared, 100)
+    assert refused.value.status_code == status
+    assert refused.value.headers == {"Connection": "close"}
