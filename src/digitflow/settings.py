@@ -91,8 +91,8 @@ class ModelSettings(EnvSettings):
     )
     PRED_MODEL_PATH: Path | None = Field(
         default=None,
-        description="Checkpoint to serve (`model.pt`; the `golden.json` beside it is checked); "
-        "read by the server, `digitflow serve` and `digitflow predict`.",
+        description="Checkpoint to serve (the run's model checkpoint; the golden set beside it "
+        "is checked); read by the server, `digitflow serve` and `digitflow predict`.",
     )
     PRED_MODEL_URI: str | None = Field(
         default=None,
