@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import random
 import signal
 import socket
 import subprocess
@@ -30,6 +31,28 @@ def free_ports(count: int, below: int = 55000) -> list[int]:
         if port < below and port not in ports:
             ports.append(port)
     return ports
+
+
+def free_port_block(count: int, low: int = 20000, high: int = 32000) -> list[int]:
+    """`count` consecutive ports that are free now, from below the kernel's ephemeral range so
+    that outgoing connections do not take them meanwhile (Ray wants a worker port range that no
+    other of its listeners falls in)."""
+    rng = random.Random()
+    for _ in range(200):
+        start = rng.randrange(low, high - count)
+        block = list(range(start, start + count))
+        if all(_is_free(port) for port in block):
+            return block
+    raise RuntimeError(f"no {count} consecutive free ports between {low} and {high}")
+
+
+def _is_free(port: int) -> bool:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        try:
+            sock.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+        return True
 
 
 @dataclass

@@ -33,7 +33,7 @@ from digitflow_fastapi.config import get_settings
 from digitflow_fastapi.scale.ray_serve import replica_model, replica_settings
 from tests.support.artifact_stores import MlflowStack, StackRuns
 from tests.support.gunicorn_server import TrainedModel
-from tests.support.processes import ServerProcess, free_port, free_ports, start_process
+from tests.support.processes import ServerProcess, free_port, free_port_block, start_process
 
 PREDICT = "/api/v1/model/predict"
 DIGITFLOW = str(Path(sys.executable).parent / "digitflow")
@@ -298,7 +298,7 @@ class RayHead:
 def ray_head(tmp_path: Path) -> Iterator[RayHead]:
     """A separate single-node Ray head (`ray start --head --block`) on free ports and its own
     temp folder, with its own auth token; stopped by PID afterwards."""
-    ports = free_ports(9)
+    ports = free_port_block(8 + 51)  # 8 listeners + min-worker-port, then the worker range
     ray_tmp = tempfile.mkdtemp(prefix="dfhead-")
     token = tmp_path / "ray_token"
     token.write_text(secrets.token_hex(32))
@@ -309,8 +309,8 @@ def ray_head(tmp_path: Path) -> Iterator[RayHead]:
     names = ["port", "node-manager-port", "object-manager-port", "ray-client-server-port"]
     names += ["dashboard-agent-listen-port", "dashboard-agent-grpc-port"]
     names += ["runtime-env-agent-port", "metrics-export-port", "min-worker-port"]
-    command += [f"--{name}={port}" for name, port in zip(names, ports, strict=True)]
-    command += [f"--max-worker-port={ports[-1] + 50}"]
+    command += [f"--{name}={port}" for name, port in zip(names, ports[:9], strict=True)]
+    command += [f"--max-worker-port={ports[-1]}"]
     head = start_process(command, tmp_path / "head.log", "", env=auth_env)
     try:
         deadline = time.monotonic() + 180
