@@ -14,8 +14,13 @@ ARTIFACTS_DIR: Final = "artifacts"  # a run's artifact root, under its folder
 MODEL_DIR: Final = "model"  # the artifact folder of the served model
 CHECKPOINT_FILENAME: Final = "model.pt"
 GOLDEN_FILENAME: Final = "golden.json"
+# The served graph, exported once from the checkpoint, and the MLflow Model description (`MLmodel`)
+# that names both files' SHA-256 digests: the folder `model/` is an MLflow Model (ONNX flavor).
+ONNX_FILENAME: Final = "model.onnx"
+MLMODEL_FILENAME: Final = "MLmodel"
 MODEL_ARTIFACT: Final = f"{MODEL_DIR}/{CHECKPOINT_FILENAME}"
 GOLDEN_ARTIFACT: Final = f"{MODEL_DIR}/{GOLDEN_FILENAME}"
+ONNX_ARTIFACT: Final = f"{MODEL_DIR}/{ONNX_FILENAME}"
 CONFIG_ARTIFACT: Final = "train_model_config.json"
 CHECKPOINTS_DIR: Final = "checkpoints"  # interval checkpoints: `checkpoints/epoch-<n>/model.pt`
 MANIFEST_NAME: Final = ".digitflow-manifest.json"
@@ -71,6 +76,16 @@ def model_path(run_folder: Path) -> Path:
 def golden_path(checkpoint: Path) -> Path:
     """The golden set logged beside a checkpoint."""
     return checkpoint.parent / GOLDEN_FILENAME
+
+
+def onnx_path(checkpoint: Path) -> Path:
+    """The ONNX graph exported from a checkpoint, beside it."""
+    return checkpoint.parent / ONNX_FILENAME
+
+
+def mlmodel_path(checkpoint: Path) -> Path:
+    """The `MLmodel` file of the MLflow Model folder a checkpoint sits in."""
+    return checkpoint.parent / MLMODEL_FILENAME
 
 
 def interval_checkpoint_dir(epoch: int) -> str:
