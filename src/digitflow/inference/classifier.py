@@ -7,6 +7,7 @@ batch prediction and the benchmarks all go through this class.
 
 from __future__ import annotations
 
+import importlib.util
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,8 +16,9 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import numpy.typing as npt
 
+from digitflow.artifacts.run_layout import ONNX_FILENAME
 from digitflow.errors import ConfigError
-from digitflow.inference import onnx_export
+from digitflow.inference import onnx_export, served_graph
 
 if TYPE_CHECKING:  # torch is imported only when a model has to be built or exported
     import torch
@@ -34,6 +36,18 @@ class Prediction:
 
     label: int
     probabilities: tuple[float, ...]
+
+
+def _logged_session(checkpoint: Path, num_threads: int) -> Any | None:
+    """A session on the `model.onnx` logged beside `checkpoint`, if it is there and vouched for."""
+    graph = served_graph.logged_graph(checkpoint)
+    if graph is None:
+        return None
+    try:
+        return onnx_export.onnx_session(graph, num_threads)
+    except Exception as exc:  # ORT raises its own types for a graph it cannot load
+        logger.warning("cannot load %s (%s); exporting", ONNX_FILENAME, type(exc).__name__)
+        return None
 
 
 class Classifier:
@@ -67,9 +81,10 @@ class Classifier:
         """Load the checkpoint at `path` safely (see `checkpoint.load_model`).
 
         `backend` names the engine (`torch` or `onnx`); `num_threads` caps intra-op threads;
-        `cache_dir` is where ONNX exports are kept (see `onnx_export`). With `onnx` on the CPU
-        and an export of this exact checkpoint (by SHA-256) in the cache, torch is never
-        imported: each server worker saves ~250 MB of memory.
+        `cache_dir` is where ONNX exports are kept (see `onnx_export`). With `onnx` on the CPU,
+        the graph logged beside the checkpoint (`model.onnx`, see `served_graph`) is served;
+        else an export of this exact checkpoint (by SHA-256) from the cache; torch is imported
+        only to export when neither exists (a slim install without torch says so in one line).
         """
         if backend not in BACKENDS:
             raise ConfigError(f"unknown inference backend {backend!r}; known: torch, onnx")
@@ -79,9 +94,18 @@ class Classifier:
         name = onnx_export.export_name(path) if use_onnx else ""
         folder = onnx_export.private_folder(cache_dir) if use_onnx else None
         if use_onnx:
-            session = onnx_export.cached_session(folder, name, num_threads or 1)
+            session = _logged_session(path, num_threads or 1) or onnx_export.cached_session(
+                folder, name, num_threads or 1
+            )
             if session is not None:
                 return cls(session=session)
+        if importlib.util.find_spec("torch") is None:
+            raise ConfigError(
+                f"{path.parent} has no {ONNX_FILENAME} exported from this {path.name}, and "
+                f"exporting one needs torch, which this install lacks: run `digitflow export "
+                f"{path.parent}` where torch is installed (pip install 'digitflow[train]'), "
+                "or serve it with the full image (make image-full)"
+            )
         import torch
 
         from digitflow.training.checkpoint import load_model
