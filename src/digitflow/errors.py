@@ -133,3 +133,9 @@ class RegisteredModelNotFound(DigitflowError):
     """No registered model version matches `models:/<name>/<version>` or `@<alias>`."""
 
     exit_code = 23
+
+
+class GraphMismatch(DigitflowError):
+    """The exported ONNX graph does not give torch's answers on the check images."""
+
+    exit_code = 24

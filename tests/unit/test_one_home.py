@@ -233,7 +233,7 @@ def test_the_run_folder_above_a_path_is_searched_for_in_one_function() -> None:
 
 # --- artifact names ---------------------------------------------------------------------------
 
-ARTIFACT_NAMES = ("model.pt", "golden.json", "train_model_config.json")
+ARTIFACT_NAMES = ("model.pt", "golden.json", "train_model_config.json", "model.onnx", "MLmodel")
 
 
 def test_artifact_names_are_spelled_only_in_the_run_layout() -> None:

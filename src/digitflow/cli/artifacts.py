@@ -16,6 +16,7 @@ from typing import Annotated
 import typer
 
 from digitflow import paths
+from digitflow.artifacts.run_layout import CHECKPOINT_FILENAME, ONNX_FILENAME
 from digitflow.cli.common import handle_errors
 from digitflow.settings import (
     DEFAULT_EXPERIMENT,
@@ -211,9 +212,46 @@ def pull_command(
         typer.echo(line)
 
 
+@handle_errors
+def export_command(
+    target: Annotated[
+        str,
+        typer.Argument(
+            help="A checkpoint (or its folder), or a run: UUID, runs:/<uuid>/model, models:/..."
+        ),
+    ],
+    tracking_uri: TrackingUri = None,
+    s3_endpoint_url: S3Endpoint = None,
+    mlruns_dir: MlrunsDir = paths.DEFAULT_MLRUNS_DIR,
+    timeout: Timeout = DEFAULT_TIMEOUT,
+) -> None:
+    """Add the checked ONNX graph and an MLmodel beside a checkpoint (needs torch).
+
+    A local path gains model.onnx and MLmodel in its folder; a run gets them logged to its
+    model/ artifacts, so the slim image serves it and `mlflow models serve` loads it.
+    """
+    from digitflow.training.mlflow_model import export_checkpoint, export_run
+
+    local = Path(target)
+    if local.exists():
+        checkpoint = local / CHECKPOINT_FILENAME if local.is_dir() else local
+        record = export_checkpoint(checkpoint)
+        typer.echo(f"wrote {checkpoint.parent / ONNX_FILENAME} (sha256 {record.onnx_sha256})")
+        return
+    from digitflow.artifacts.refs import resolve_run_id
+    from digitflow.artifacts.tracking import Tracking, TrackingTarget
+
+    store = store_config(tracking_uri, s3_endpoint_url, mlruns_dir, timeout)
+    tracking = Tracking(store)
+    run_id = resolve_run_id(target, store, tracking)
+    record = export_run(run_id, store, TrackingTarget(tracking.uri))
+    typer.echo(f"logged model/{ONNX_FILENAME} to run {run_id} (sha256 {record.onnx_sha256})")
+
+
 def register(app: typer.Typer) -> None:
     """Add the artifact commands to `app`."""
     app.command("experiments")(experiments_command)
     app.command("runs")(runs_command)
     app.command("artifacts")(artifacts_command)
     app.command("pull")(pull_command)
+    app.command("export")(export_command)

@@ -7,7 +7,6 @@ batch prediction and the benchmarks all go through this class.
 
 from __future__ import annotations
 
-import importlib.util
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -99,14 +98,15 @@ class Classifier:
             )
             if session is not None:
                 return cls(session=session)
-        if importlib.util.find_spec("torch") is None:
+        try:
+            import torch
+        except ImportError:
             raise ConfigError(
                 f"{path.parent} has no {ONNX_FILENAME} exported from this {path.name}, and "
                 f"exporting one needs torch, which this install lacks: run `digitflow export "
                 f"{path.parent}` where torch is installed (pip install 'digitflow[train]'), "
                 "or serve it with the full image (make image-full)"
-            )
-        import torch
+            ) from None
 
         from digitflow.training.checkpoint import load_model
 

@@ -79,6 +79,8 @@ def logged_graph(checkpoint: Path) -> bytes | None:
         return None
     data = graph.read_bytes()
     if hashlib.sha256(data).hexdigest() != record.onnx_sha256:
-        logger.warning("%s does not match its SHA-256 in MLmodel; not using it", graph)
+        logger.warning(
+            "%s does not match its SHA-256 in %s; not using it", graph, mlmodel_path(checkpoint)
+        )
         return None
     return data

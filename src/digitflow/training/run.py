@@ -35,6 +35,7 @@ from digitflow.training.loop import (
     predict_labels,
     train_one_epoch,
 )
+from digitflow.training.mlflow_model import ONNX_DIGEST_TAG, write_mlflow_model
 from digitflow.training.net import Net
 
 logger = logging.getLogger(__name__)
@@ -178,14 +179,17 @@ def _log_model(
     golden: list[GoldenImage],
     workdir: Path,
 ) -> None:
-    """Log `model/model.pt`, `model/golden.json` and `train_model_config.json` to the run."""
+    """Log the `model/` folder (the seed's `model.pt`, `golden.json`, and `model.onnx` with its
+    `MLmodel`: an MLflow Model) and `train_model_config.json` to the run; tag the graph's digest."""
     model_dir = workdir / MODEL_DIR
     checkpoint = model_dir / CHECKPOINT_FILENAME
     save_checkpoint(
         checkpoint, model, optimiser, config.epochs, fitted.train.loss, fitted.test.loss
     )
     write_golden(model_dir / GOLDEN_FILENAME, golden)
+    record, _ = write_mlflow_model(checkpoint, model, golden)
     mlflow.log_artifacts(str(model_dir), MODEL_DIR)
+    mlflow.set_tag(ONNX_DIGEST_TAG, record.onnx_sha256)
     mlflow.log_dict(config.to_dict(), CONFIG_ARTIFACT)
 
 
