@@ -88,6 +88,11 @@ def mlmodel_path(checkpoint: Path) -> Path:
     return checkpoint.parent / MLMODEL_FILENAME
 
 
+def companion_files(checkpoint: Path) -> list[Path]:
+    """The files beside a checkpoint that belong to it: golden set, ONNX graph, MLmodel."""
+    return [golden_path(checkpoint), onnx_path(checkpoint), mlmodel_path(checkpoint)]
+
+
 def interval_checkpoint_dir(epoch: int) -> str:
     """The artifact folder of the checkpoint saved after `epoch` (not the final one)."""
     return f"{CHECKPOINTS_DIR}/epoch-{epoch}"

@@ -43,10 +43,12 @@ def _logged_session(checkpoint: Path, num_threads: int) -> Any | None:
     if graph is None:
         return None
     try:
-        return onnx_export.onnx_session(graph, num_threads)
+        session = onnx_export.onnx_session(graph, num_threads)
     except Exception as exc:  # ORT raises its own types for a graph it cannot load
         logger.warning("cannot load %s (%s); exporting", ONNX_FILENAME, type(exc).__name__)
         return None
+    logger.info("loaded the ONNX graph logged beside %s", checkpoint)
+    return session
 
 
 class Classifier:

@@ -26,7 +26,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from digitflow.artifacts.run_layout import golden_path
+from digitflow.artifacts.run_layout import companion_files
 from digitflow.atomic import write_text_atomically
 from digitflow.digests import file_sha256
 
@@ -130,25 +130,26 @@ def record_refusal(folder: Path, candidate: str, model_uuid: str, reason: str) -
 
 
 def snapshot_checkpoint(folder: Path, checkpoint: Path) -> tuple[Path, str]:
-    """Copy a checkpoint given by path (and its golden file) into the state folder.
+    """Copy a checkpoint given by path (and the files beside it that go with it: golden set,
+    ONNX graph, MLmodel) into the state folder.
 
     A file given by path can be replaced or corrupted later; workers (respawned ones too) load
-    the copy that was verified, named by the digests of both. Returns the copy and the
+    the copy that was verified, named by the digests of all. Returns the copy and the
     checkpoint's SHA-256.
     """
     staging = folder / SNAPSHOTS_DIR / f".staging-{time.time_ns()}"
     staging.mkdir(parents=True)
     copy = staging / checkpoint.name  # messages about the copy still name the file
     shutil.copyfile(checkpoint, copy)
-    golden = golden_path(checkpoint)
-    if golden.is_file():
-        shutil.copyfile(golden, golden_path(copy))
-    digest = file_sha256(copy)
-    golden_digest = file_sha256(golden_path(copy)) if golden.is_file() else ""
-    name = hashlib.sha256(f"{digest}:{golden_digest}".encode()).hexdigest()[:32]
+    digests = [file_sha256(copy)]
+    for companion in companion_files(checkpoint):
+        if companion.is_file():
+            shutil.copyfile(companion, staging / companion.name)
+            digests.append(f"{companion.name}={file_sha256(staging / companion.name)}")
+    name = hashlib.sha256(":".join(digests).encode()).hexdigest()[:32]
     target = folder / SNAPSHOTS_DIR / name
     if target.is_dir():
         shutil.rmtree(staging, ignore_errors=True)
     else:
         staging.rename(target)
-    return target / checkpoint.name, digest
+    return target / checkpoint.name, digests[0]

@@ -38,11 +38,19 @@ def test_a_snapshot_keeps_the_verified_bytes_when_the_original_is_overwritten(
     source.parent.mkdir()
     source.write_bytes(b"weights")
     (source.parent / "golden.json").write_text("{}")
+    (source.parent / "model.onnx").write_bytes(b"graph")
+    (source.parent / "MLmodel").write_text("flavors: {}")
     copy, digest = model_state.snapshot_checkpoint(tmp_path / "state", source)
     source.write_bytes(b"corrupt")
+    (source.parent / "model.onnx").write_bytes(b"other graph")
     assert copy.read_bytes() == b"weights"
     assert (copy.parent / "golden.json").read_text() == "{}"
+    assert (copy.parent / "model.onnx").read_bytes() == b"graph"
+    assert (copy.parent / "MLmodel").read_text() == "flavors: {}"
     assert digest == file_sha256(copy)
+    source.write_bytes(b"weights")
+    again, _ = model_state.snapshot_checkpoint(tmp_path / "state", source)
+    assert again.parent != copy.parent  # the same checkpoint with another graph: another snapshot
 
 
 def test_the_run_id_comes_from_a_run_folder_in_the_path() -> None:
