@@ -28,7 +28,7 @@ REPO_ROOT = Path(__file__).resolve().parents[2]
 DOCS_DIR = REPO_ROOT / "docs"
 HOOK_PATH = DOCS_DIR / "hooks" / "settings_page.py"
 # Dotted names in the docs that are not modules: a logger's name and an MLflow tag.
-NOT_MODULES = {"digitflow_fastapi.access", "digitflow.config_digest"}
+NOT_MODULES = {"digitflow_fastapi.access", "digitflow.config_digest", "digitflow.onnx_sha256"}
 
 
 class UndocumentedSettings(BaseSettings):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -61,16 +62,25 @@ def test_batched_and_one_by_one_give_the_same_answers(
     assert all(abs(sum(p.probabilities) - 1.0) < 1e-4 for p in batched)
 
 
-def test_the_onnx_export_is_cached_once_outside_the_run_folder(
-    trained_model: TrainedModel, tmp_path: Path
+@pytest.fixture
+def bare_checkpoint(trained_model: TrainedModel, tmp_path: Path) -> Path:
+    """The run's model.pt alone, as trained elsewhere: no model.onnx or MLmodel beside it."""
+    copy = tmp_path / "bare" / "model.pt"
+    copy.parent.mkdir()
+    shutil.copyfile(trained_model.model_path, copy)
+    return copy
+
+
+def test_a_bare_checkpoint_s_onnx_export_is_cached_once_outside_its_folder(
+    bare_checkpoint: Path, tmp_path: Path
 ) -> None:
     cache = tmp_path / "cache"
-    Classifier.from_checkpoint(trained_model.model_path, backend="onnx", cache_dir=cache)
+    Classifier.from_checkpoint(bare_checkpoint, backend="onnx", cache_dir=cache)
     exports = list((tmp_path / "cache" / "onnx").glob("*.onnx"))
     assert len(exports) == 1
-    assert not list(trained_model.model_path.parent.glob("*.onnx"))
+    assert not list(bare_checkpoint.parent.glob("*.onnx"))
     mtime = exports[0].stat().st_mtime_ns
-    Classifier.from_checkpoint(trained_model.model_path, backend="onnx", cache_dir=cache)
+    Classifier.from_checkpoint(bare_checkpoint, backend="onnx", cache_dir=cache)
     assert exports[0].stat().st_mtime_ns == mtime
 
 
@@ -79,24 +89,34 @@ def test_an_unknown_backend_is_refused(trained_model: TrainedModel) -> None:
         Classifier.from_checkpoint(trained_model.model_path, backend="tensorrt")
 
 
-def test_a_cached_onnx_export_is_served_without_importing_torch(
-    trained_model: TrainedModel, tmp_path: Path
-) -> None:
-    # torch costs ~250 MB per server worker; with the export cached a worker never loads it.
+def _load_in_a_fresh_process(checkpoint: Path, cache: Path) -> list[str]:
+    """[backend, whether torch was imported] of a server-style load in a new interpreter."""
     code = (
         "import sys; from pathlib import Path; from digitflow.inference.selftest import "
         "load_checked_classifier as load; "
         "c, _ = load(Path(sys.argv[1]), backend='onnx', cache_dir=Path(sys.argv[2])); "
         "print(c.backend, 'torch' in sys.modules)"
     )
-    runs = [
-        subprocess.run(
-            [sys.executable, "-c", code, str(trained_model.model_path), str(tmp_path / "cache")],
-            capture_output=True,
-            text=True,
-            check=True,
-            timeout=120,
-        ).stdout.split()
-        for _ in range(2)
-    ]
+    command = [sys.executable, "-c", code, str(checkpoint), str(cache)]
+    return subprocess.run(
+        command, capture_output=True, text=True, check=True, timeout=120
+    ).stdout.split()
+
+
+def test_a_cached_onnx_export_is_served_without_importing_torch(
+    bare_checkpoint: Path, tmp_path: Path
+) -> None:
+    # torch costs ~250 MB per server worker; with the export cached a worker never loads it.
+    runs = [_load_in_a_fresh_process(bare_checkpoint, tmp_path / "cache") for _ in range(2)]
     assert runs == [["onnx", "True"], ["onnx", "False"]]  # export once, then torch-free
+
+
+def test_a_run_s_logged_graph_is_served_without_torch_and_without_a_cache(
+    trained_model: TrainedModel, tmp_path: Path
+) -> None:
+    assert (trained_model.model_path.parent / "model.onnx").is_file()
+    assert _load_in_a_fresh_process(trained_model.model_path, tmp_path / "cache") == [
+        "onnx",
+        "False",
+    ]
+    assert not list((tmp_path / "cache").rglob("*.onnx"))
