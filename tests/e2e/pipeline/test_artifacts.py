@@ -58,6 +58,7 @@ from tests.support.processes import free_port
 pytestmark = pytest.mark.slow  # starts real servers or trains a model
 
 SEED_FILES = {"model/model.pt", "model/golden.json", "train_model_config.json"}
+MLFLOW_MODEL_FILES = {"model/model.onnx", "model/MLmodel"}
 
 
 def proxy_store(stack: MlflowStack, **extra: Any) -> StoreConfig:
@@ -232,7 +233,7 @@ def test_pull_straight_from_s3_with_the_endpoint_and_keys(
 ) -> None:
     result = pull_run_artifacts(stack_runs.plain_run, tmp_path, plain_store(mlflow_stack))
     manifest = json.loads((result.run_dir / MANIFEST_NAME).read_text())
-    assert {e["path"] for e in manifest["files"]} >= SEED_FILES
+    assert {e["path"] for e in manifest["files"]} >= SEED_FILES | MLFLOW_MODEL_FILES
     config = next(e for e in manifest["files"] if e["path"] == "train_model_config.json")
     assert config["md5"] == hashlib.md5(result.config_path.read_bytes()).hexdigest()
     assert json.loads(result.config_path.read_text())["epochs"] == 1
