@@ -1,10 +1,14 @@
-"""In-process limits: decode + forward images/s at batch 64 and one-image latency per backend.
+"""In-process limits: decode + forward images/s at batch 64 and one-image latency per backend,
+and the ceiling a server's throughput is read against.
 
-This is the ceiling a served figure can be read against: no HTTP, no multipart, one thread.
+`ceiling` runs decode + preprocess + forward on the benchmark's PNGs in as many processes as the
+server has workers (one intra-op thread each, ONNX Runtime, batches of 64): what this machine can
+do with no HTTP, no multipart, no per-request Python.
 """
 
 from __future__ import annotations
 
+import multiprocessing
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -82,3 +86,37 @@ def format_table(results: Sequence[dict[str, Any]]) -> str:
             f"| {r['batch1_p50_ms']:.3f} | {r['batch1_p99_ms']:.3f} |"
         )
     return "\n".join(lines)
+
+
+def _ceiling_worker(
+    checkpoint: Path, blobs: list[bytes], seconds: float, start: Any
+) -> tuple[int, float]:
+    """One worker's share of the ceiling: images done and seconds taken."""
+    classifier = Classifier.from_checkpoint(checkpoint, backend="onnx", num_threads=1)
+    classifier.warm_up()
+    batches = [blobs[i : i + 64] for i in range(0, len(blobs) - 63, 64)]
+    start.wait()
+    done, began = 0, time.perf_counter()
+    while time.perf_counter() - began < seconds:
+        for batch in batches:
+            classifier.predict(np.stack([bytes_to_input(b) for b in batch]))
+            done += len(batch)
+    return done, time.perf_counter() - began
+
+
+def ceiling(
+    checkpoint: Path, samples: Sequence[tuple[bytes, int]], workers: int, seconds: float
+) -> float:
+    """Images/s of decode + preprocess + forward in `workers` processes at once."""
+    blobs = [data for data, _ in samples]
+    context = multiprocessing.get_context("spawn")
+    with context.Manager() as manager:
+        start = manager.Barrier(workers + 1)
+        with context.Pool(workers) as pool:
+            pending = [
+                pool.apply_async(_ceiling_worker, (checkpoint, blobs, seconds, start))
+                for _ in range(workers)
+            ]
+            start.wait()
+            results = [p.get(timeout=seconds * 10 + 120) for p in pending]
+    return sum(done for done, _ in results) / max(elapsed for _, elapsed in results)

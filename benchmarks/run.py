@@ -3,11 +3,13 @@
     python -m benchmarks.run [--checkpoint PATH] [--seconds 15] [--warmup 3]
                              [--servers baseline,digitflow,digitflow-seed-cmd]
 
-1. In-process limits per backend (see `benchmarks.inprocess`).
+1. In-process limits per backend, and the ceiling: decode + preprocess + forward in as many
+   processes as digitflow has workers (see `benchmarks.inprocess`).
 2. For each server: start it (gunicorn + uvicorn workers on 127.0.0.1), drive it with wrk at
    concurrency 1, 16 and 64 with one real MNIST PNG per request, then 64 images per request,
    each measured for `--seconds` after a `--warmup`; every answer is checked against its label.
-3. A Markdown table with the ratio digitflow / baseline, and JSON in `benchmarks/results/`.
+3. A Markdown table, the ratio digitflow / baseline, each digitflow run as a share of the
+   ceiling, and JSON in `benchmarks/results/`.
 
 Servers: `baseline` is `benchmarks/baseline_app.py` served the seed's way (`-w 4`,
 `uvicorn.workers.UvicornWorker`); `digitflow` is served the recommended way (2 workers, one
@@ -149,6 +151,16 @@ def ratios(rows: list[dict[str, Any]]) -> list[str]:
     return lines
 
 
+def ceiling_shares(rows: list[dict[str, Any]], ceiling: float) -> list[str]:
+    """Each digitflow run's images/s as a share of the in-process ceiling of the same run."""
+    return [
+        f"{r['server']} at c={r['connections']}, {r['images_per_request']} img/req: "
+        f"{r['images_per_s'] / ceiling:.0%} of the in-process ceiling"
+        for r in rows
+        if r["server"].startswith("digitflow") and ceiling > 0
+    ]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--checkpoint", type=Path, help="model.pt (default: the default model)")
@@ -181,6 +193,14 @@ def main() -> None:
     if not args.skip_inprocess:
         report["inprocess"] = inprocess.measure_all(checkpoint, samples, args.inprocess_seconds)
         print("\nIn-process, 1 thread:\n" + inprocess.format_table(report["inprocess"]))
+    workers = server_specs(checkpoint)["digitflow"].workers
+    report["ceiling_images_per_s"] = inprocess.ceiling(
+        checkpoint, samples, workers, args.inprocess_seconds
+    )
+    print(
+        f"\nIn-process ceiling (decode + preprocess + forward at 64, {workers} processes, "
+        f"1 thread each): {report['ceiling_images_per_s']:,.0f} img/s"
+    )
 
     specs = server_specs(checkpoint)
     if args.before_src:
@@ -210,6 +230,7 @@ def main() -> None:
             )
     report["http"] = rows
     print("\n" + "\n".join(ratios(rows)))
+    print("\n" + "\n".join(ceiling_shares(rows, report["ceiling_images_per_s"])))
     RESULTS_DIR.mkdir(parents=True, exist_ok=True)
     out = RESULTS_DIR / f"bench-{stamp}.json"
     out.write_text(json.dumps(report, indent=2))
