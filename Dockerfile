@@ -1,25 +1,34 @@
-# digitflow's serving image. Built by `make image`, which first collects every wheel on the host
-# into build/wheelhouse (deps/ and app/); nothing here reaches a package index (--no-index).
+# digitflow's serving images, from one file. `make image` (slim) first collects the wheels of the
+# base dependencies on the host into build/wheelhouse/slim (deps/ and app/); `make image-full`
+# collects those of the `train` extra too (torch, full MLflow) into build/wheelhouse/full and
+# passes WHEELHOUSE. Nothing here reaches a package index (--no-index).
 ARG BASE_IMAGE=python:3.11-slim
 
 FROM ${BASE_IMAGE} AS deps
-COPY build/wheelhouse/deps /wheelhouse/deps
+ARG WHEELHOUSE=build/wheelhouse/slim
+COPY ${WHEELHOUSE}/deps /wheelhouse/deps
 RUN python -m venv /opt/venv \
     && /opt/venv/bin/python -m pip install --no-cache-dir --no-index --no-deps \
         /wheelhouse/deps/*.whl
 
 # digitflow itself goes to its own prefix, so a code change rebuilds a small layer, not the venv.
 FROM deps AS app
-COPY build/wheelhouse/app /wheelhouse/app
+ARG WHEELHOUSE=build/wheelhouse/slim
+COPY ${WHEELHOUSE}/app /wheelhouse/app
 RUN /opt/venv/bin/python -m pip install --no-cache-dir --no-index --no-deps --target /opt/app \
         /wheelhouse/app/*.whl \
     && PYTHONPATH=/opt/app /opt/venv/bin/python -m pip check
+
+# The venv as it runs: nothing installs at run time, so pip and setuptools go (~25 MB). Built from
+# `deps`, not `app`, so a code change does not touch it either.
+FROM deps AS venv
+RUN /opt/venv/bin/python -m pip uninstall --yes --quiet pip setuptools
 
 FROM ${BASE_IMAGE}
 RUN groupadd --gid 10001 app \
     && useradd --uid 10001 --gid app --home-dir /home/app --create-home \
         --shell /usr/sbin/nologin app
-COPY --from=deps /opt/venv /opt/venv
+COPY --from=venv /opt/venv /opt/venv
 COPY --from=app /opt/app /opt/app
 COPY deploy/docker/entrypoint.sh /usr/local/bin/digitflow-entrypoint
 # Everything written at run time goes under /tmp, so the root filesystem can be read-only

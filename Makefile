@@ -4,7 +4,8 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install serve test test-fast lint format docs docs-serve bench clean wheelhouse image
+.PHONY: install serve test test-fast lint format docs docs-serve bench clean \
+	wheelhouse wheelhouse-full image image-full
 
 install: $(STAMP)
 
@@ -44,10 +45,14 @@ docs-serve: install
 bench: install
 	$(BIN)/python -m benchmarks.run
 
-# Container image: every wheel is collected on the host with the host's own pip settings, pinned
+# Container images: every wheel is collected on the host with the host's own pip settings, pinned
 # to the versions the tests ran with, so the image build needs no index (air-gapped clusters too).
+# `image` (slim): serving and pulling only, no torch and no full MLflow; it serves the model.onnx
+# that `digitflow train` / `digitflow export` log beside model.pt. `image-full`: with the `train`
+# extra, so it also serves a bare model.pt (exported at start) and can train.
 VERSION := $(shell sed -n 's/^version = "\(.*\)"/\1/p' pyproject.toml)
 IMAGE ?= digitflow:$(VERSION)
+IMAGE_FULL ?= digitflow:$(VERSION)-full
 BASE_IMAGE ?= python:3.11-slim
 WHEELHOUSE := build/wheelhouse
 GIT_REVISION := $(shell git rev-parse HEAD 2>/dev/null || echo unknown)
@@ -56,17 +61,30 @@ DOCKER ?= docker
 SOURCE_DATE_EPOCH ?= $(shell git log -1 --format=%ct 2>/dev/null || echo 315532800)
 export SOURCE_DATE_EPOCH
 
+# $(call collect,<folder>,<requirement>): the requirement's wheels into <folder>/deps, digitflow's
+# own wheel into <folder>/app (its own layer: a code change leaves the deps layer cached).
+define collect
+rm -rf $(1)
+mkdir -p $(1)/deps $(1)/app
+$(BIN)/python -m pip freeze --exclude-editable > $(1)/constraints.txt
+$(BIN)/python -m pip wheel --quiet --wheel-dir $(1)/deps --constraint $(1)/constraints.txt '$(2)'
+mv $(1)/deps/digitflow-*.whl $(1)/app/
+endef
+
 wheelhouse: install
-	rm -rf build
-	mkdir -p $(WHEELHOUSE)/deps $(WHEELHOUSE)/app
-	$(BIN)/python -m pip freeze --exclude-editable > build/constraints.txt
-	$(BIN)/python -m pip wheel --quiet --wheel-dir $(WHEELHOUSE)/deps \
-		--constraint build/constraints.txt .
-	mv $(WHEELHOUSE)/deps/digitflow-*.whl $(WHEELHOUSE)/app/
+	$(call collect,$(WHEELHOUSE)/slim,.)
+
+wheelhouse-full: install
+	$(call collect,$(WHEELHOUSE)/full,.[train])
+
+DOCKER_BUILD = $(DOCKER) build --build-arg BASE_IMAGE=$(BASE_IMAGE) --build-arg VERSION=$(VERSION) \
+	--build-arg GIT_REVISION=$(GIT_REVISION)
 
 image: wheelhouse
-	$(DOCKER) build --build-arg BASE_IMAGE=$(BASE_IMAGE) --build-arg VERSION=$(VERSION) \
-		--build-arg GIT_REVISION=$(GIT_REVISION) --tag $(IMAGE) .
+	$(DOCKER_BUILD) --build-arg WHEELHOUSE=$(WHEELHOUSE)/slim --tag $(IMAGE) .
+
+image-full: wheelhouse-full
+	$(DOCKER_BUILD) --build-arg WHEELHOUSE=$(WHEELHOUSE)/full --tag $(IMAGE_FULL) .
 
 clean:
 	rm -rf $(VENV) build site .pytest_cache .ruff_cache .mypy_cache
