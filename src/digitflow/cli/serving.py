@@ -64,10 +64,12 @@ def choose_served_model(
     non-zero, before serving. The server this command becomes reads the decision (the pin)."""
     from digitflow.artifacts.refs import pin_served_model, served_model_of
     from digitflow.inference.selftest import load_checked_classifier
-    from digitflow.training.default_model import ensure_default_model
 
     model_path, model_uuid = settings.PRED_MODEL_PATH, settings.PRED_MODEL_UUID or None
     if not settings.model_configured:
+        # Only here: training needs torch, which a slim install serving a given model lacks.
+        from digitflow.training.default_model import ensure_default_model
+
         default = ensure_default_model(paths.DEFAULT_TRAIN_CONFIG, data_dir, mlruns_dir)
         model_path, model_uuid = default.model_path, model_uuid or default.run_id
     store = settings.store(mlruns_dir)
@@ -151,11 +153,12 @@ def predict_command(
     configure_cli_logging()
     from digitflow.inference.batch_predict import predict_files
     from digitflow.inference.classifier import Classifier
-    from digitflow.training.default_model import ensure_default_model
 
     settings = read_core_settings()
     model_path = model_path or settings.PRED_MODEL_PATH
     if model_path is None:
+        from digitflow.training.default_model import ensure_default_model
+
         model_path = ensure_default_model(
             paths.DEFAULT_TRAIN_CONFIG, data_dir, mlruns_dir
         ).model_path
