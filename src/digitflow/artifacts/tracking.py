@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import importlib.util
 import logging
 import urllib.error
 import urllib.parse
@@ -36,6 +37,7 @@ from digitflow.artifacts.run_layout import (
 )
 from digitflow.errors import (
     ArtifactNotFound,
+    ConfigError,
     ExperimentNotFound,
     RegisteredModelNotFound,
     RunNotFound,
@@ -61,9 +63,24 @@ class TrackingTarget:
         return MlflowClient(tracking_uri=self.uri)
 
 
+def sql_store_available() -> bool:
+    """True when MLflow can open a SQL store: full MLflow (SQLAlchemy), not mlflow-skinny alone."""
+    return importlib.util.find_spec("sqlalchemy") is not None
+
+
 def embedded_target(mlruns_dir: Path) -> TrackingTarget:
-    """The project's embedded store under `mlruns_dir` (created if missing)."""
+    """The project's embedded store under `mlruns_dir` (created if missing).
+
+    A slim install (mlflow-skinny) talks to tracking servers only: asked for the embedded store,
+    it says so in one line rather than with MLflow's unsupported-URI traceback.
+    """
     mlruns_dir = mlruns_dir.resolve()
+    if not sql_store_available():
+        raise ConfigError(
+            f"no tracking server is set, and the embedded store ({mlruns_dir / EMBEDDED_STORE_DB}) "
+            "needs full MLflow, which this install lacks: set MLFLOW_TRACKING_URI (or "
+            "--tracking-uri) to an MLflow server, or pip install 'digitflow[train]'"
+        )
     artifact_root = mlruns_dir / EMBEDDED_ARTIFACT_ROOT
     artifact_root.mkdir(parents=True, exist_ok=True)
     return TrackingTarget(
