@@ -145,3 +145,43 @@ def test_help_imports_neither_torch_nor_mlflow_nor_boto3(args: list[str]) -> Non
     assert done.returncode == 0, done.stderr
     assert "Usage" in done.stdout
     assert json.loads(done.stdout.strip().splitlines()[-1]) == []
+
+
+# What only the `train` extra installs: the slim image has none of it (see pyproject.toml).
+TRAIN_ONLY = ("torch", "onnx", "mlxtend", "sqlalchemy", "alembic", "pandas", "sklearn", "scipy")
+# Where the slim image's processes start: the server (master and workers), the CLI, the pull.
+SLIM_ENTRY_POINTS = (
+    "digitflow_fastapi.main",
+    "digitflow_fastapi.lifecycle.gunicorn_conf",
+    "digitflow.cli.main",
+    "digitflow.artifacts.pull",
+)
+
+
+def module_level_closure(start: str) -> set[str]:
+    """Every module importing `start` imports at module level, transitively (ours followed)."""
+    known = {**modules("digitflow"), **modules("digitflow_fastapi")}
+    seen: set[str] = set()
+    todo = [start]
+    while todo:
+        name = todo.pop()
+        if name in seen:
+            continue
+        seen.add(name)
+        if name in known:
+            todo.extend(imported(known[name], module_level_only=True))
+            parent = name.rpartition(".")[0]
+            todo.extend([parent] if parent else [])  # a package's __init__ runs first
+    return seen
+
+
+@pytest.mark.parametrize("start", SLIM_ENTRY_POINTS)
+def test_what_the_slim_image_starts_imports_nothing_of_the_train_extra(start: str) -> None:
+    closure = module_level_closure(start)
+    assert start in closure
+    assert sorted(m for m in closure if m.partition(".")[0] in TRAIN_ONLY) == []
+
+
+def test_the_closure_follows_our_modules_to_the_libraries_they_import() -> None:
+    closure = module_level_closure("digitflow.training.default_model")
+    assert {"digitflow.training.run", "torch", "mlflow"} <= closure
