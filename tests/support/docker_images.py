@@ -23,7 +23,8 @@ from digitflow import paths
 
 REPO_ROOT = paths.PACKAGE_DIR.parents[1]
 BASE_TAG = "digitflow-test-base:bookworm-py311"
-IMAGE_TAG = "digitflow:test"
+IMAGE_TAG = "digitflow:test"  # the slim image (`make image`)
+IMAGE_FULL_TAG = "digitflow:test-full"  # with torch and full MLflow (`make image-full`)
 BASE_PACKAGES = ["python3", "python3-venv", "python3-pip", "python-is-python3", "ca-certificates"]
 DEBIAN_MIRROR = os.environ.get("DEBIAN_MIRROR", "http://deb.debian.org/debian")
 DOCKERD_LOG = Path(tempfile.gettempdir()) / "digitflow-test-dockerd.log"
@@ -132,9 +133,21 @@ def ensure_base_image(tag: str = BASE_TAG) -> str:
 
 
 def build_image(tag: str, base_image: str) -> str:
-    """`make image` with the given tag and base image: the command a user runs."""
+    """`make image` (the slim image) with the given tag and base image: the command a user runs."""
     run(["make", "-C", str(REPO_ROOT), "image", f"IMAGE={tag}", f"BASE_IMAGE={base_image}"], 1800)
     return tag
+
+
+def build_image_full(tag: str, base_image: str) -> str:
+    """`make image-full` (torch and full MLflow too) with the given tag and base image."""
+    command = ["make", "-C", str(REPO_ROOT), "image-full", f"IMAGE_FULL={tag}"]
+    run([*command, f"BASE_IMAGE={base_image}"], 1800)
+    return tag
+
+
+def image_size(tag: str) -> int:
+    """The image's size in bytes, as `docker image inspect` reports it."""
+    return int(run(["docker", "image", "inspect", "-f", "{{.Size}}", tag]).strip())
 
 
 def inspect(name: str) -> dict[str, object]:

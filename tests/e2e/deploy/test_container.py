@@ -1,8 +1,10 @@
-"""The container image, built with `make image` on a local Debian stand-in for python:3.11-slim and
-run the way the seed and the Kubernetes manifests run it (host network, 127.0.0.1 only)."""
+"""The container images, built with `make image` (slim: no torch, no full MLflow) and `make
+image-full` on a local Debian stand-in for python:3.11-slim, and run the way the seed and the
+Kubernetes manifests run them (host network, 127.0.0.1 only). Most tests run the slim image."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -17,10 +19,12 @@ from pathlib import Path
 import httpx
 import pytest
 
+from digitflow.artifacts.run_layout import MLMODEL_FILENAME, ONNX_FILENAME
 from digitflow.data.mnist import read_annotations
 from digitflow.inference.classifier import Classifier
 from digitflow.inference.preprocess import bytes_to_input
 from tests.support.docker_images import (
+    IMAGE_FULL_TAG,
     IMAGE_TAG,
     REPO_ROOT,
     RESTRICTED,
@@ -28,6 +32,7 @@ from tests.support.docker_images import (
     container,
     docker_daemon,
     ensure_base_image,
+    image_size,
     inspect,
     run,
 )
@@ -41,15 +46,25 @@ pytestmark = [
 ]
 
 APP_UID = 10001
+SLIM_SIZE_LIMIT = 800 * 1000**2  # bytes, in the units `docker images` reports
 
 
 @pytest.fixture(scope="module")
 def image() -> Iterator[str]:
-    """`make image` on the debootstrapped base (cached by tag), with a daemon for the module."""
+    """`make image` (slim) on the debootstrapped base (cached by tag), with a daemon for the
+    module."""
     from tests.support.docker_images import build_image
 
     with docker_daemon():
         yield build_image(IMAGE_TAG, ensure_base_image())
+
+
+@pytest.fixture(scope="module")
+def full_image(image: str) -> str:
+    """`make image-full` once for the module, while the slim image's daemon runs."""
+    from tests.support.docker_images import build_image_full
+
+    return build_image_full(IMAGE_FULL_TAG, ensure_base_image())
 
 
 @dataclass(frozen=True)
@@ -102,15 +117,47 @@ def wait_until_ready(box: Container, url: str, timeout: float = 240) -> None:
     pytest.fail(f"container not ready after {timeout} s:\n{box.logs()}")
 
 
-@pytest.fixture(scope="module")
-def served(image: str, models: MountedModels) -> Iterator[tuple[Container, str]]:
+@contextlib.contextmanager
+def serving(image: str, models: MountedModels) -> Iterator[tuple[Container, str]]:
     """The seed's `docker run`, model on a read-only volume, restricted like the Kubernetes pod."""
     port = free_port()
     options = ["-v", f"{models.host_dir}:/models:ro", *RESTRICTED]
+    started = time.monotonic()
     with container(image, env=predict_env(models, port), options=options) as box:
         url = f"http://127.0.0.1:{port}"
         wait_until_ready(box, url)
+        print(f"{image}: docker run -> /ready in {time.monotonic() - started:.1f} s")
         yield box, url
+
+
+@pytest.fixture(scope="module")
+def served(image: str, models: MountedModels) -> Iterator[tuple[Container, str]]:
+    """The slim image serving the trained run (its model.onnx, vouched for by MLmodel)."""
+    with serving(image, models) as box_and_url:
+        yield box_and_url
+
+
+@pytest.fixture(scope="module")
+def served_full(full_image: str, models: MountedModels) -> Iterator[tuple[Container, str]]:
+    """The full image serving the same run, the same way."""
+    with serving(full_image, models) as box_and_url:
+        yield box_and_url
+
+
+@pytest.fixture(scope="module")
+def bare_models(models: MountedModels) -> Iterator[MountedModels]:
+    """The mounted run without model.onnx and MLmodel: a bare model.pt, as if trained elsewhere."""
+    host_dir = Path(tempfile.mkdtemp(prefix="digitflow-container-bare-"))
+    host_dir.chmod(0o755)
+    shutil.copytree(
+        models.host_dir / models.run_id,
+        host_dir / models.run_id,
+        ignore=shutil.ignore_patterns(ONNX_FILENAME, MLMODEL_FILENAME),
+    )
+    try:
+        yield MountedModels(host_dir, models.run_id)
+    finally:
+        shutil.rmtree(host_dir, ignore_errors=True)
 
 
 def curl_predict(url: str, image_path: Path) -> object:
@@ -151,6 +198,70 @@ def test_the_documented_curl_answers_the_right_digits_with_the_model_on_a_read_o
         }
         correct += expected == label
     assert correct >= 18  # the digits are right, not merely the same as on the host
+
+
+def test_the_slim_image_is_at_most_800_mb(image: str, full_image: str) -> None:
+    slim, full = image_size(image), image_size(full_image)
+    print(f"image sizes: slim {slim / 1e6:.0f} MB, full {full / 1e6:.0f} MB")
+    assert slim <= SLIM_SIZE_LIMIT
+    assert slim < full
+
+
+def test_the_slim_image_has_no_torch_and_the_full_one_has(image: str, full_image: str) -> None:
+    probe = ["--entrypoint", "python", "-c", "import torch"]
+    slim = subprocess.run(
+        ["docker", "run", "--rm", *probe[:2], image, *probe[2:]],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert slim.returncode != 0
+    assert "ModuleNotFoundError" in slim.stderr, slim.stderr
+    run(["docker", "run", "--rm", *probe[:2], full_image, *probe[2:]], timeout=120)
+
+
+def test_the_slim_and_the_full_image_answer_the_documented_curl_alike_on_100_pngs(
+    served: tuple[Container, str],
+    served_full: tuple[Container, str],
+    data_dir: Path,
+    models: MountedModels,
+) -> None:
+    assert (models.host_dir / models.container_model_path.removeprefix("/models/")).is_file()
+    (_, slim_url), (_, full_url) = served, served_full
+    rows = read_annotations(data_dir, "test")[:100]
+    differing = []
+    for relative, _ in rows:
+        image_path = data_dir / relative
+        slim, full = curl_predict(slim_url, image_path), curl_predict(full_url, image_path)
+        assert isinstance(slim, dict) and slim["data"][0]["image_filename"] == image_path.name
+        if slim != full:
+            differing.append((image_path.name, slim, full))
+    assert len(rows) == 100
+    assert differing == []
+
+
+def test_the_slim_image_given_a_checkpoint_without_its_graph_exits_with_one_line(
+    image: str, bare_models: MountedModels
+) -> None:
+    options = ["-v", f"{bare_models.host_dir}:/models:ro", *RESTRICTED]
+    env = predict_env(bare_models, free_port())
+    with container(image, env=env, options=options) as box:
+        exit_code = box.wait()
+        logs = box.logs()
+    assert exit_code != 0
+    lines = logs.strip().splitlines()
+    assert len(lines) == 1, logs
+    assert "digitflow export" in lines[0] and "image-full" in lines[0]
+
+
+def test_the_full_image_serves_a_checkpoint_without_its_graph(
+    full_image: str, bare_models: MountedModels, data_dir: Path
+) -> None:
+    image_path = data_dir / read_annotations(data_dir, "test")[0][0]
+    with serving(full_image, bare_models) as (_, url):
+        answer = curl_predict(url, image_path)
+    assert isinstance(answer, dict) and answer["data"][0]["prediction"] in "0123456789"
 
 
 def test_the_version_route_reports_the_configured_run_uuid(
