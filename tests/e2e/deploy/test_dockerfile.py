@@ -42,6 +42,25 @@ def test_the_final_stage_runs_as_a_numeric_non_root_user() -> None:
     assert users and all(int(uid) != 0 for uid, _ in users)
 
 
+def wheelhouses_the_makefile_builds_from() -> dict[str, str]:
+    """`make -n image image-full`: the WHEELHOUSE each image's `docker build` is given."""
+    dry_run = subprocess.run(
+        ["make", "-n", "-C", str(REPO_ROOT), "image", "image-full", "IMAGE=s", "IMAGE_FULL=f"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    builds = re.findall(r"--build-arg WHEELHOUSE=(\S+) --tag (\S+)", dry_run)
+    return {tag: folder for folder, tag in builds}
+
+
+def test_make_image_builds_the_slim_wheelhouse_and_image_full_the_full_one() -> None:
+    wheelhouses = wheelhouses_the_makefile_builds_from()
+    assert wheelhouses == {"s": "build/wheelhouse/slim", "f": "build/wheelhouse/full"}
+    default = re.findall(r"^ARG WHEELHOUSE=(\S+)$", DOCKERFILE.read_text(), re.M)
+    assert default and set(default) == {wheelhouses["s"]}  # every stage's default: the slim one
+
+
 def test_the_build_context_is_only_the_wheelhouse_and_the_container_files() -> None:
     rules = [
         line
@@ -51,8 +70,9 @@ def test_the_build_context_is_only_the_wheelhouse_and_the_container_files() -> N
     assert rules[0] == "*"
     sources = re.findall(r"^COPY (?!--from)(\S+)", DOCKERFILE.read_text(), re.M)
     allowed = [rule.lstrip("!").split("*")[0] for rule in rules[1:]]
-    for source in sources:
-        assert any(a.startswith(source) or source.startswith(a) for a in allowed), source
+    for wheelhouse in wheelhouses_the_makefile_builds_from().values():
+        for source in (s.replace("${WHEELHOUSE}", wheelhouse) for s in sources):
+            assert any(a.startswith(source) or source.startswith(a) for a in allowed), source
 
 
 def test_the_entrypoint_refuses_to_serve_without_a_model() -> None:
