@@ -261,3 +261,14 @@ def test_every_worker_s_body_budget_and_baseline_fit_the_pod_memory_limit() -> N
         f"{workers} x {per_worker / MIB:.0f} MiB does not fit {limit / MIB:.0f} MiB with 10 % left"
     )
     assert quantity_bytes(api["resources"]["requests"]["memory"]) >= workers * WORKER_BASELINE_BYTES
+
+
+def test_the_manifests_run_the_slim_image_make_image_builds() -> None:
+    dry_run = subprocess.run(
+        ["make", "-n", "-C", str(REPO_ROOT), "image"], capture_output=True, text=True, check=True
+    ).stdout
+    built = re.findall(r"--tag (\S+)", dry_run)
+    images = yaml.safe_load(KUSTOMIZATION.read_text())["images"]
+    pod = one("Deployment")["spec"]["template"]["spec"]
+    names = {c["image"] for c in [*pod["initContainers"], *pod["containers"]]}
+    assert [f"{i['newName']}:{i['newTag']}" for i in images if i["name"] in names] == built
