@@ -12,6 +12,7 @@ import subprocess
 import tempfile
 import threading
 import time
+import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -99,6 +100,7 @@ def predict_env(models: MountedModels, port: int) -> dict[str, str]:
         "PRED_MODEL_PATH": models.container_model_path,
         "PORT": str(port),
         "WEB_CONCURRENCY": "2",
+        "REQUEST_LOG": "true",
     }
 
 
@@ -285,6 +287,32 @@ def test_the_container_logs_json_lines_to_stderr(served: tuple[Container, str]) 
     json_lines = [line for line in stderr.splitlines() if line.startswith("{")]
     assert json_lines, stderr
     assert all(json.loads(line) for line in json_lines)
+
+
+def test_the_container_s_request_lines_carry_the_request_id(
+    served: tuple[Container, str], data_dir: Path
+) -> None:
+    box, url = served
+    request_id = f"container-{uuid.uuid4().hex}"
+    image_path = data_dir / read_annotations(data_dir, "test")[0][0]
+    with image_path.open("rb") as handle:
+        reply = httpx.post(
+            f"{url}/api/v1/model/predict",
+            files={"image_file": handle},
+            headers={"X-Request-ID": request_id},
+        )
+    assert reply.headers["x-request-id"] == request_id
+    deadline = time.monotonic() + 10
+    stamped: list[dict[str, object]] = []
+    while not stamped and time.monotonic() < deadline:
+        lines = [line for line in box.logs().splitlines() if line.startswith("{")]
+        stamped = [
+            entry for entry in map(json.loads, lines) if entry.get("request_id") == request_id
+        ]
+        time.sleep(0.2)
+    assert stamped, box.logs()[-3000:]
+    (access,) = [entry for entry in stamped if entry["logger"] == "digitflow_fastapi.access"]
+    assert access["path"] == "/api/v1/model/predict"
 
 
 def test_the_image_carries_oci_labels_and_a_healthcheck_on_health(
