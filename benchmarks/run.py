@@ -1,7 +1,7 @@
 """`make bench`: the seed's reference design and digitflow, side by side, in one run.
 
     python -m benchmarks.run [--checkpoint PATH] [--seconds 15] [--warmup 3]
-                             [--servers baseline,digitflow,digitflow-seed-cmd]
+                             [--servers baseline,digitflow,digitflow-seed-cmd,ray]
 
 1. In-process limits per backend, and the ceiling: decode + preprocess + forward in as many
    processes as digitflow has workers (see `benchmarks.inprocess`).
@@ -13,7 +13,8 @@
 
 Servers: `baseline` is `benchmarks/baseline_app.py` served the seed's way (`-w 4`,
 `uvicorn.workers.UvicornWorker`); `digitflow` is served the recommended way (2 workers, one
-thread each, ONNX Runtime); `digitflow-seed-cmd` is digitflow under the seed's own command.
+thread each, ONNX Runtime); `digitflow-seed-cmd` is digitflow under the seed's own command;
+`ray` is `digitflow serve --engine ray` (one replica per digitflow worker, local cluster).
 Run it on an otherwise idle machine; the numbers are only comparable within one run.
 """
 
@@ -36,6 +37,7 @@ from benchmarks import http_load, inprocess
 from digitflow import paths
 
 RESULTS_DIR = Path(__file__).with_name("results")
+RAY = "ray"  # `digitflow serve --engine ray` on a local cluster, one replica per core
 SEED_WORKER = "uvicorn.workers.UvicornWorker"
 
 
@@ -151,6 +153,36 @@ def ratios(rows: list[dict[str, Any]]) -> list[str]:
     return lines
 
 
+def bench_ray_engine(
+    checkpoint: Path,
+    bodies: dict[int, Path],
+    connections: list[int],
+    args: argparse.Namespace,
+    log_dir: Path,
+) -> list[dict[str, Any]]:
+    """The same wrk runs against Ray Serve, as many replicas as digitflow has workers."""
+    from benchmarks.ray_http import LoadPlan, bench_ray
+
+    replicas = server_specs(checkpoint)["digitflow"].workers
+    plan = LoadPlan(connections, args.seconds, args.warmup)
+    return bench_ray(checkpoint, replicas, bodies, plan, log_dir)
+
+
+def ray_ratios(rows: list[dict[str, Any]]) -> list[str]:
+    """Ray Serve's images/s as a share of gunicorn's (`digitflow`) for each matching run."""
+    served = {
+        (r["connections"], r["images_per_request"]): r for r in rows if r["server"] == "digitflow"
+    }
+    return [
+        f"ray-serve / digitflow at c={r['connections']}, {r['images_per_request']} img/req: "
+        f"{r['images_per_s'] / served[key]['images_per_s']:.0%}"
+        for r in rows
+        if r["server"] == "ray-serve"
+        and (key := (r["connections"], r["images_per_request"])) in served
+        and served[key]["images_per_s"] > 0
+    ]
+
+
 def ceiling_shares(rows: list[dict[str, Any]], ceiling: float) -> list[str]:
     """Each digitflow run's images/s as a share of the in-process ceiling of the same run."""
     return [
@@ -169,7 +201,7 @@ def main() -> None:
     parser.add_argument("--warmup", type=float, default=3.0, help="before each load run")
     parser.add_argument("--inprocess-seconds", type=float, default=3.0)
     parser.add_argument("--connections", default="1,16,64")
-    parser.add_argument("--servers", default="baseline,digitflow,digitflow-seed-cmd")
+    parser.add_argument("--servers", default=f"baseline,digitflow,digitflow-seed-cmd,{RAY}")
     parser.add_argument("--skip-inprocess", action="store_true")
     parser.add_argument(
         "--before-src",
@@ -225,11 +257,14 @@ def main() -> None:
         print(f"\nHTTP load (wrk, {args.seconds:g} s per run after {args.warmup:g} s warm-up):")
         print(HEADER, flush=True)
         for name in args.servers.split(","):
+            if name == RAY:
+                rows += bench_ray_engine(checkpoint, bodies, connections, args, log_dir)
+                continue
             rows += bench_server(
                 specs[name], bodies, connections, args.seconds, args.warmup, log_dir
             )
     report["http"] = rows
-    print("\n" + "\n".join(ratios(rows)))
+    print("\n" + "\n".join(ratios(rows) + ray_ratios(rows)))
     print("\n" + "\n".join(ceiling_shares(rows, report["ceiling_images_per_s"])))
     RESULTS_DIR.mkdir(parents=True, exist_ok=True)
     out = RESULTS_DIR / f"bench-{stamp}.json"
