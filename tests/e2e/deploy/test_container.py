@@ -132,6 +132,16 @@ def serving(image: str, models: MountedModels) -> Iterator[tuple[Container, str]
         yield box, url
 
 
+def refusal_line(box: Container) -> str:
+    """The one line a container that refuses to start prints; it must exit non-zero."""
+    exit_code = box.wait()
+    logs = box.logs()
+    assert exit_code != 0, logs
+    lines = logs.strip().splitlines()
+    assert len(lines) == 1, logs
+    return lines[0]
+
+
 @pytest.fixture(scope="module")
 def served(image: str, models: MountedModels) -> Iterator[tuple[Container, str]]:
     """The slim image serving the trained run (its model.onnx, vouched for by MLmodel)."""
@@ -249,12 +259,8 @@ def test_the_slim_image_given_a_checkpoint_without_its_graph_exits_with_one_line
     options = ["-v", f"{bare_models.host_dir}:/models:ro", *RESTRICTED]
     env = predict_env(bare_models, free_port())
     with container(image, env=env, options=options) as box:
-        exit_code = box.wait()
-        logs = box.logs()
-    assert exit_code != 0
-    lines = logs.strip().splitlines()
-    assert len(lines) == 1, logs
-    assert "digitflow export" in lines[0] and "image-full" in lines[0]
+        line = refusal_line(box)
+    assert "digitflow export" in line and "image-full" in line
 
 
 def test_the_full_image_serves_a_checkpoint_without_its_graph(
@@ -437,12 +443,8 @@ def test_docker_stop_under_a_stream_of_requests_loses_none(
 
 def test_a_container_without_a_model_exits_non_zero_with_one_clear_line(image: str) -> None:
     with container(image) as box:
-        exit_code = box.wait()
-        logs = box.logs()
-    assert exit_code != 0
-    lines = logs.strip().splitlines()
-    assert len(lines) == 1, logs
-    assert "no model configured" in lines[0] and "PRED_MODEL_PATH" in lines[0]
+        line = refusal_line(box)
+    assert "no model configured" in line and "PRED_MODEL_PATH" in line
 
 
 def test_a_missing_checkpoint_exits_non_zero_with_one_clear_line(
@@ -451,12 +453,8 @@ def test_a_missing_checkpoint_exits_non_zero_with_one_clear_line(
     missing = f"/models/{models.run_id}/artifacts/model/absent.pt"
     options = ["-v", f"{models.host_dir}:/models:ro"]
     with container(image, env={"PRED_MODEL_PATH": missing}, options=options) as box:
-        exit_code = box.wait()
-        logs = box.logs()
-    assert exit_code != 0
-    lines = logs.strip().splitlines()
-    assert len(lines) == 1, logs
-    assert missing in lines[0]
+        line = refusal_line(box)
+    assert missing in line
 
 
 @dataclass(frozen=True)
