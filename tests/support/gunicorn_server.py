@@ -64,7 +64,10 @@ def start_gunicorn(
 
 
 def serve(
-    log_path: Path, model: TrainedModel, extra_env: dict[str, str] | None = None
+    log_path: Path,
+    model: TrainedModel,
+    extra_env: dict[str, str] | None = None,
+    workers: int = 2,
 ) -> Iterator[ServerProcess]:
     """Start gunicorn on `model`, wait until /ready answers, stop it by PID afterwards."""
     env = {
@@ -72,7 +75,7 @@ def serve(
         "PRED_MODEL_UUID": model.run_id,
         **(extra_env or {}),
     }
-    server = start_gunicorn(log_path, env)
+    server = start_gunicorn(log_path, env, workers=workers)
     try:
         wait_for_http(server, "/ready", timeout=120)
         yield server

@@ -17,8 +17,8 @@ import pytest
 from digitflow_fastapi.config import Settings
 from digitflow_fastapi.edge.body_budget import BodyBudget, Message, metered
 from digitflow_fastapi.errors import RequestError
-from tests.support.gunicorn_server import TrainedModel, start_gunicorn, worker_pids
-from tests.support.processes import ServerProcess, stop_process, wait_for_http
+from tests.support.gunicorn_server import TrainedModel, serve, worker_pids
+from tests.support.processes import ServerProcess
 
 MIB = 1024 * 1024
 UPLOAD_CAP = 2 * MIB
@@ -34,19 +34,12 @@ def server(
     trained_model: TrainedModel, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[ServerProcess]:
     env = {
-        "PRED_MODEL_PATH": str(trained_model.model_path),
-        "PRED_MODEL_UUID": trained_model.run_id,
         "MAX_UPLOAD_BYTES": str(UPLOAD_CAP),
         "MAX_BUFFERED_BODY_BYTES_PER_WORKER": str(BUDGET),
         "BODY_TIMEOUT_S": "120",
     }
     log = tmp_path_factory.mktemp("budget") / "gunicorn.log"
-    server = start_gunicorn(log, env, workers=1)
-    try:
-        wait_for_http(server, "/ready", timeout=120)
-        yield server
-    finally:
-        stop_process(server)
+    yield from serve(log, trained_model, env, workers=1)
 
 
 def rss_bytes(pid: int) -> int:

@@ -14,7 +14,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.support.gunicorn_server import TrainedModel, start_gunicorn
+from tests.support.gunicorn_server import TrainedModel, serve
 from tests.support.image_floods import (
     blank_png,
     dot_grid_png,
@@ -22,7 +22,7 @@ from tests.support.image_floods import (
     jpeg_comment_flood,
     png_chunk_flood,
 )
-from tests.support.processes import ServerProcess, stop_process, wait_for_http
+from tests.support.processes import ServerProcess
 
 # Far above a normal /health (milliseconds) and far below what the floods cost on the loop
 # before the fix (1.4-3 s each on this kind of machine).
@@ -33,17 +33,8 @@ HEALTH_STALL_BOUND_S = 1.0
 def server(
     trained_model: TrainedModel, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[ServerProcess]:
-    env = {
-        "PRED_MODEL_PATH": str(trained_model.model_path),
-        "PRED_MODEL_UUID": trained_model.run_id,
-    }
     log = tmp_path_factory.mktemp("floods") / "gunicorn.log"
-    process = start_gunicorn(log, env, workers=1)
-    try:
-        wait_for_http(process, "/ready", timeout=120)
-        yield process
-    finally:
-        stop_process(process)
+    yield from serve(log, trained_model, workers=1)
 
 
 def _worst_health_latency_while(

@@ -18,7 +18,7 @@ from starlette.routing import BaseRoute, Mount
 from digitflow_fastapi.app import create_app
 from digitflow_fastapi.config import Settings
 from digitflow_fastapi.edge.routing import OPEN_ROUTES
-from tests.support.gunicorn_server import SRC_DIR, TrainedModel, start_gunicorn
+from tests.support.gunicorn_server import SRC_DIR, TrainedModel, serve
 from tests.support.processes import (
     ServerProcess,
     free_port,
@@ -192,14 +192,9 @@ def _answer_of(sock: socket.socket, wait: float) -> bytes:
 def two_in_flight(
     trained_model: TrainedModel, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[ServerProcess]:
-    env = {**_model_env(trained_model), "MAX_IN_FLIGHT_PER_WORKER": "2", "REQUEST_LOG": "true"}
+    env = {"MAX_IN_FLIGHT_PER_WORKER": "2", "REQUEST_LOG": "true"}
     log = tmp_path_factory.mktemp("in-flight") / "gunicorn.log"
-    server = start_gunicorn(log, env, workers=1)
-    try:
-        wait_for_http(server, "/ready", timeout=120)
-        yield server
-    finally:
-        stop_process(server)
+    yield from serve(log, trained_model, env, workers=1)
 
 
 def _until_nothing_in_flight(server: ServerProcess) -> None:
