@@ -3,7 +3,7 @@
     python -m benchmarks.profile [--checkpoint PATH] [--seconds 12]
 
 Starts digitflow the recommended way (2 workers, one thread each, ONNX Runtime), then for each
-load (c=64 with one PNG per request; c=16 with 64 per request) runs wrk and, at the same time,
+load (`--loads`, default c=64 with one PNG per request and c=16 with 64) runs wrk and, meanwhile,
 `py-spy record --native` on each worker. Prints the share of samples by self frame and by the
 project's own functions on the stack (inclusive), merged over workers, as shares of the busy
 samples: a thread waiting in the kernel (epoll, a futex under a thread pool's queue) is idle.
@@ -31,7 +31,6 @@ from digitflow import paths
 
 PY_SPY = str(Path(sys.executable).parent / "py-spy")
 OWN_CODE = ("digitflow/", "digitflow_fastapi/")
-LOADS = ((64, 1), (16, 64))
 IDLE_LEAVES = ("epoll_wait", "epoll_pwait", "__futex", "futex", "pthread_cond", "sem_wait")
 WAITING_PY = ("_worker (", "wait (", "get (")
 
@@ -95,7 +94,11 @@ def main() -> None:
     parser.add_argument("--checkpoint", type=Path, help="model.pt (default: the default model)")
     parser.add_argument("--data", type=Path, default=paths.DEFAULT_DATA_DIR)
     parser.add_argument("--seconds", type=float, default=12.0)
+    parser.add_argument(
+        "--loads", default="64x1,16x64", help="connections x images per request, comma-separated"
+    )
     args = parser.parse_args()
+    loads = [tuple(int(n) for n in load.split("x")) for load in args.loads.split(",")]
     if shutil.which(PY_SPY) is None:
         raise SystemExit("py-spy not found: pip install py-spy (in the dev extra)")
     checkpoint = args.checkpoint or default_checkpoint()
@@ -105,13 +108,15 @@ def main() -> None:
     spec = server_specs(checkpoint)["digitflow"]
     with tempfile.TemporaryDirectory(prefix="digitflow-profile-") as tmp:
         bodies = {
-            1: http_load.write_bodies(samples, Path(tmp) / "single", 1, len(samples)),
-            64: http_load.write_bodies(samples, Path(tmp) / "batch64", 64, 100),
+            per_request: http_load.write_bodies(
+                samples, Path(tmp) / f"x{per_request}", per_request, len(samples) // per_request
+            )
+            for per_request in {1, *(n for _, n in loads)}
         }
         server = http_load.start_server(spec, out_dir, bodies[1] / "0.bin")
         try:
             workers = [p for p in http_load.process_tree(server.pid) if p != server.pid]
-            for connections, per_request in LOADS:
+            for connections, per_request in loads:
                 http_load.run_wrk(server.url, bodies[per_request], connections, 3)  # warm-up
                 files = [out_dir / f"c{connections}-x{per_request}-{pid}.txt" for pid in workers]
                 spies = [

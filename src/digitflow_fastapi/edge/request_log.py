@@ -14,6 +14,7 @@ import os
 import re
 import secrets
 import time
+import weakref
 from collections.abc import Iterable, MutableMapping
 from contextvars import ContextVar
 from typing import Any
@@ -59,18 +60,21 @@ def loggable(text: str) -> str:
 
 
 class RequestIds:
-    """Keeps a valid incoming id, else makes one unique to this process (forks included)."""
+    """Keeps a valid incoming id, else makes one unique to this process (forks included).
+
+    A forked child takes a new prefix at the fork (`os.register_at_fork`), so making an id costs
+    no system call."""
 
     def __init__(self) -> None:
-        self._pid = -1
-        self._prefix = ""
+        self._renew()
+        renew = weakref.WeakMethod(self._renew)
+        os.register_at_fork(after_in_child=lambda: (method := renew()) and method())
+
+    def _renew(self) -> None:
+        self._prefix = secrets.token_hex(6)
         self._counter = itertools.count(1)
 
     def new(self) -> str:
-        pid = os.getpid()
-        if pid != self._pid:  # a forked worker must not repeat its parent's ids
-            self._pid, self._prefix = pid, secrets.token_hex(6)
-            self._counter = itertools.count(1)
         return f"{self._prefix}-{next(self._counter):x}"
 
     def take(self, incoming: bytes | None) -> tuple[str, str | None]:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 from pathlib import Path
 
 import pytest
@@ -182,6 +183,22 @@ def test_a_valid_incoming_request_id_is_kept_and_anything_else_replaced() -> Non
         assert "\n" not in rejected
     first, second = ids.new(), ids.new()
     assert first != second and first.split("-")[0] == second.split("-")[0]
+
+
+def test_a_forked_worker_makes_ids_its_parent_never_makes() -> None:
+    ids = RequestIds()
+    parent = ids.new()
+    read_end, write_end = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: one id down the pipe, then out without running pytest's exit
+        os.write(write_end, ids.new().encode())
+        os._exit(0)
+    os.close(write_end)
+    child = os.read(read_end, 100).decode()
+    os.waitpid(pid, 0)
+    os.close(read_end)
+    assert child.split("-")[0] != parent.split("-")[0]
+    assert ids.new().split("-")[0] == parent.split("-")[0]
 
 
 def test_client_strings_are_truncated_and_escaped_before_logging() -> None:
