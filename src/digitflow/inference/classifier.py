@@ -92,12 +92,14 @@ class Classifier:
         path = Path(path)
         on_cpu = device is None or device.type == "cpu"
         use_onnx = backend == "onnx" and on_cpu and path.is_file()
-        name = onnx_export.export_name(path) if use_onnx else ""
-        folder = onnx_export.private_folder(cache_dir) if use_onnx else None
+        name, folder = "", None
         if use_onnx:
-            session = _logged_session(path, num_threads or 1) or onnx_export.cached_session(
-                folder, name, num_threads or 1
-            )
+            session = _logged_session(path, num_threads or 1)
+            if session is not None:  # the run's own graph: no cache looked up, no digest taken
+                return cls(session=session)
+            name = onnx_export.export_name(path)
+            folder = onnx_export.private_folder(cache_dir)
+            session = onnx_export.cached_session(folder, name, num_threads or 1)
             if session is not None:
                 return cls(session=session)
         try:
