@@ -99,7 +99,7 @@ def _load(
     if given is not None:
         given.warm_up()
         report = SelfTestReport(golden_checked=0, golden_file=None)
-        return given, Readiness.serving(settings.PRED_MODEL_UUID, report)
+        return given, Readiness.serving(settings.PRED_MODEL_UUID, report, given.backend)
     desired: DesiredModel | None = None
     try:
         served, desired = _model_to_serve(settings, handoff, given_model)
@@ -110,7 +110,7 @@ def _load(
     except DigitflowError as exc:
         copied = f" (a copy of {desired.origin})" if desired and desired.origin else ""
         stop_worker_at_boot(f"start-up failed: {exc}{copied}")
-    readiness = Readiness.serving(served.model_uuid, report)
+    readiness = Readiness.serving(served.model_uuid, report, classifier.backend)
     if desired is not None:
         readiness = dataclasses.replace(readiness, model_generation=desired.generation)
     return classifier, readiness
@@ -188,7 +188,11 @@ def build_lifespan(
         app.state.service = ModelService(batcher=batcher, model_uuid=readiness.model_uuid or "")
         app.state.readiness = readiness
         metrics.METRICS.model.uuid = readiness.model_uuid or ""
-        logger.info("model ready (%d golden images checked)", readiness.golden_checked or 0)
+        logger.info(
+            "model ready on %s (%d golden images checked)",
+            readiness.engine,
+            readiness.golden_checked or 0,
+        )
         _freeze_start_up_objects()
         folder = handoff.DIGITFLOW_METRICS_DIR
         publisher = asyncio.create_task(metrics.publish_forever(folder)) if folder else None

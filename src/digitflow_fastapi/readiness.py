@@ -24,13 +24,15 @@ class Readiness:
     detail: str | None = None
     warmed_up: bool | None = None
     golden_checked: int | None = None
+    engine: str | None = None
     model_generation: int | None = None
     refused_swaps: int | None = None
     last_refused_swap: dict[str, str] | None = None
 
     @classmethod
-    def serving(cls, model_uuid: str, report: SelfTestReport) -> Readiness:
-        """Loaded, warmed up and (when there was a golden file) self-tested."""
+    def serving(cls, model_uuid: str, report: SelfTestReport, engine: str) -> Readiness:
+        """Loaded, warmed up and (when there was a golden file) self-tested; `engine` names what
+        runs the forward pass (`onnx`, `onnx-int8` or `torch`)."""
         return cls(
             ready=True,
             model_loaded=True,
@@ -38,6 +40,7 @@ class Readiness:
             self_test="passed" if report.golden_file is not None else None,
             warmed_up=report.warmed_up,
             golden_checked=report.golden_checked,
+            engine=engine,
         )
 
     @classmethod

@@ -46,6 +46,9 @@ class ReadyStatus(BaseModel):
     detail: str | None = Field(default=None, description="Why the self-test failed")
     warmed_up: bool | None = None
     golden_checked: int | None = None
+    engine: str | None = Field(
+        default=None, description="What runs the forward pass: onnx, onnx-int8 or torch"
+    )
     model_generation: int | None = Field(
         default=None, description="Swaps since start behind the model served (0: the first)"
     )

@@ -17,6 +17,7 @@ GOLDEN_FILENAME: Final = "golden.json"
 # The served graph, exported once from the checkpoint, and the MLflow Model description (`MLmodel`)
 # that names both files' SHA-256 digests: the folder `model/` is an MLflow Model (ONNX flavor).
 ONNX_FILENAME: Final = "model.onnx"
+INT8_ONNX_FILENAME: Final = "model.int8.onnx"  # the calibrated int8 twin of model.onnx
 MLMODEL_FILENAME: Final = "MLmodel"
 MODEL_ARTIFACT: Final = f"{MODEL_DIR}/{CHECKPOINT_FILENAME}"
 GOLDEN_ARTIFACT: Final = f"{MODEL_DIR}/{GOLDEN_FILENAME}"
@@ -83,14 +84,24 @@ def onnx_path(checkpoint: Path) -> Path:
     return checkpoint.parent / ONNX_FILENAME
 
 
+def int8_onnx_path(checkpoint: Path) -> Path:
+    """The calibrated int8 graph of a checkpoint, beside it (only when it passed its check)."""
+    return checkpoint.parent / INT8_ONNX_FILENAME
+
+
 def mlmodel_path(checkpoint: Path) -> Path:
     """The `MLmodel` file of the MLflow Model folder a checkpoint sits in."""
     return checkpoint.parent / MLMODEL_FILENAME
 
 
 def companion_files(checkpoint: Path) -> list[Path]:
-    """The files beside a checkpoint that belong to it: golden set, ONNX graph, MLmodel."""
-    return [golden_path(checkpoint), onnx_path(checkpoint), mlmodel_path(checkpoint)]
+    """The files beside a checkpoint that belong to it: golden set, ONNX graphs, MLmodel."""
+    return [
+        golden_path(checkpoint),
+        onnx_path(checkpoint),
+        int8_onnx_path(checkpoint),
+        mlmodel_path(checkpoint),
+    ]
 
 
 def interval_checkpoint_dir(epoch: int) -> str:

@@ -16,8 +16,8 @@ from typing import Annotated
 import typer
 
 from digitflow import paths
-from digitflow.artifacts.run_layout import CHECKPOINT_FILENAME, ONNX_FILENAME
-from digitflow.cli.common import handle_errors
+from digitflow.artifacts.run_layout import CHECKPOINT_FILENAME, INT8_ONNX_FILENAME, ONNX_FILENAME
+from digitflow.cli.common import DataDir, handle_errors
 from digitflow.settings import (
     DEFAULT_EXPERIMENT,
     DEFAULT_PULL_WORKERS,
@@ -224,19 +224,37 @@ def export_command(
     s3_endpoint_url: S3Endpoint = None,
     mlruns_dir: MlrunsDir = paths.DEFAULT_MLRUNS_DIR,
     timeout: Timeout = DEFAULT_TIMEOUT,
+    data_dir: DataDir = paths.DEFAULT_DATA_DIR,
 ) -> None:
     """Add the checked ONNX graph and an MLmodel beside a checkpoint (needs torch).
 
     A local path gains model.onnx and MLmodel in its folder; a run gets them logged to its
-    model/ artifacts, so the slim image serves it and `mlflow models serve` loads it.
+    model/ artifacts, so the slim image serves it and `mlflow models serve` loads it. When
+    --data-dir holds the prepared PNGs, the int8 graph is calibrated on training images and
+    kept as model.int8.onnx if it answers like the float graph on the held-out ones.
     """
-    from digitflow.training.mlflow_model import export_checkpoint, export_run
+    from digitflow.training.mlflow_model import Export, export_checkpoint, export_run
+
+    def int8_line(export: Export) -> str:
+        check = export.int8_check
+        if check is None:
+            return f"no {INT8_ONNX_FILENAME}: no prepared data in {data_dir}"
+        failures = check.failures()
+        verdict = "kept" if not failures else "not kept: " + "; ".join(failures)
+        return (
+            f"{INT8_ONNX_FILENAME} {verdict} (same class as float on {check.agreement:.2%} of "
+            f"{check.images} held-out images, accuracy {check.int8_accuracy:.2%} vs "
+            f"{check.float_accuracy:.2%})"
+        )
 
     local = Path(target)
     if local.exists():
         checkpoint = local / CHECKPOINT_FILENAME if local.is_dir() else local
-        record = export_checkpoint(checkpoint)
-        typer.echo(f"wrote {checkpoint.parent / ONNX_FILENAME} (sha256 {record.onnx_sha256})")
+        export = export_checkpoint(checkpoint, data_dir)
+        typer.echo(
+            f"wrote {checkpoint.parent / ONNX_FILENAME} (sha256 {export.record.onnx_sha256})"
+        )
+        typer.echo(int8_line(export))
         return
     from digitflow.artifacts.refs import resolve_run_id
     from digitflow.artifacts.tracking import Tracking, TrackingTarget
@@ -244,8 +262,9 @@ def export_command(
     store = store_config(tracking_uri, s3_endpoint_url, mlruns_dir, timeout)
     tracking = Tracking(store)
     run_id = resolve_run_id(target, store, tracking)
-    record = export_run(run_id, store, TrackingTarget(tracking.uri))
-    typer.echo(f"logged model/{ONNX_FILENAME} to run {run_id} (sha256 {record.onnx_sha256})")
+    export = export_run(run_id, store, TrackingTarget(tracking.uri), data_dir)
+    typer.echo(f"logged model/{ONNX_FILENAME} to run {run_id} (sha256 {export.record.onnx_sha256})")
+    typer.echo(int8_line(export))
 
 
 def register(app: typer.Typer) -> None:

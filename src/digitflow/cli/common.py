@@ -5,11 +5,16 @@ from __future__ import annotations
 import functools
 import sys
 from collections.abc import Callable
-from typing import ParamSpec, TypeVar
+from pathlib import Path
+from typing import Annotated, ParamSpec, TypeVar
 
 import typer
 
 from digitflow.errors import DigitflowError
+
+DataDir = Annotated[
+    Path, typer.Option("--data-dir", help="Folder of the prepared PNGs and CSV tables.")
+]
 
 P = ParamSpec("P")
 R = TypeVar("R")

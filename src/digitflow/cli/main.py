@@ -14,7 +14,7 @@ import typer
 from digitflow import paths
 from digitflow.cli import artifacts as cli_artifacts
 from digitflow.cli import serving as cli_serving
-from digitflow.cli.common import handle_errors
+from digitflow.cli.common import DataDir, handle_errors
 from digitflow.logging_setup import configure_cli_logging
 from digitflow.settings import read_core_settings
 
@@ -26,9 +26,6 @@ app = typer.Typer(
     add_completion=False,
 )
 
-DataDir = Annotated[
-    Path, typer.Option("--data-dir", help="Folder of the prepared PNGs and CSV tables.")
-]
 TrackingUri = Annotated[
     str | None,
     typer.Option(

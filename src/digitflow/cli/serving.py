@@ -143,7 +143,8 @@ def predict_command(
     backend: Annotated[
         str | None,
         typer.Option(
-            "--backend", help="Inference engine: onnx or torch (default: INFERENCE_BACKEND)"
+            "--backend",
+            help="Inference engine: onnx, onnx-int8 or torch (default: INFERENCE_BACKEND)",
         ),
     ] = None,
     data_dir: Annotated[Path, typer.Option("--data-dir")] = paths.DEFAULT_DATA_DIR,

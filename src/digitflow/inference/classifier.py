@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import numpy.typing as npt
 
-from digitflow.artifacts.run_layout import ONNX_FILENAME
+from digitflow.artifacts.run_layout import INT8_ONNX_FILENAME, ONNX_FILENAME
 from digitflow.errors import ConfigError
 from digitflow.inference import onnx_export, served_graph
 
@@ -26,7 +26,7 @@ if TYPE_CHECKING:  # torch is imported only when a model has to be built or expo
 
 logger = logging.getLogger(__name__)
 
-BACKENDS = ("torch", "onnx")
+BACKENDS = ("torch", "onnx", "onnx-int8")
 
 
 @dataclass(frozen=True)
@@ -37,28 +37,37 @@ class Prediction:
     probabilities: tuple[float, ...]
 
 
-def _logged_session(checkpoint: Path, num_threads: int) -> Any | None:
-    """A session on the `model.onnx` logged beside `checkpoint`, if it is there and vouched for."""
-    graph = served_graph.logged_graph(checkpoint)
+def _logged_session(checkpoint: Path, num_threads: int, int8: bool = False) -> Any | None:
+    """A session on the `model.onnx` (or `model.int8.onnx`) logged beside `checkpoint`, if it is
+    there and vouched for."""
+    graph = served_graph.logged_graph(checkpoint, int8=int8)
+    name = INT8_ONNX_FILENAME if int8 else ONNX_FILENAME
     if graph is None:
+        if int8:
+            logger.warning("no checked %s beside %s; serving the float graph", name, checkpoint)
         return None
     try:
         session = onnx_export.onnx_session(graph, num_threads)
     except Exception as exc:  # ORT raises its own types for a graph it cannot load
-        logger.warning("cannot load %s (%s); exporting", ONNX_FILENAME, type(exc).__name__)
+        logger.warning("cannot load %s (%s); not using it", name, type(exc).__name__)
         return None
-    logger.info("loaded the ONNX graph logged beside %s", checkpoint)
+    logger.info("loaded %s logged beside %s", name, checkpoint)
     return session
 
 
 class Classifier:
     """Runs the CNN on N×28×28 (or N×1×28×28) float32 arrays in [0, 1].
 
-    Either eager PyTorch (`model`) or an ONNX Runtime session (`session`) does the forward pass.
+    Either eager PyTorch (`model`) or an ONNX Runtime session (`session`, on the graph `backend`
+    names: `onnx` or `onnx-int8`) does the forward pass.
     """
 
     def __init__(
-        self, model: Net | None = None, device: torch.device | None = None, session: Any = None
+        self,
+        model: Net | None = None,
+        device: torch.device | None = None,
+        session: Any = None,
+        backend: str = "onnx",
     ) -> None:
         if model is None and session is None:
             raise ValueError("a Classifier needs a model or an ONNX Runtime session")
@@ -68,7 +77,7 @@ class Classifier:
         self.model = model
         self.device = device
         self._session = session
-        self.backend = "onnx" if session is not None else "torch"
+        self.backend = backend if session is not None else "torch"
 
     @classmethod
     def from_checkpoint(
@@ -81,18 +90,26 @@ class Classifier:
     ) -> Classifier:
         """Load the checkpoint at `path` safely (see `checkpoint.load_model`).
 
-        `backend` names the engine (`torch` or `onnx`); `num_threads` caps intra-op threads;
-        `cache_dir` is where ONNX exports are kept (see `onnx_export`). With `onnx` on the CPU,
-        the graph logged beside the checkpoint (`model.onnx`, see `served_graph`) is served;
-        else an export of this exact checkpoint (by SHA-256) from the cache; torch is imported
-        only to export when neither exists (a slim install without torch says so in one line).
+        `backend` names the engine (`torch`, `onnx` or `onnx-int8`); `num_threads` caps intra-op
+        threads; `cache_dir` is where ONNX exports are kept (see `onnx_export`). With `onnx` on
+        the CPU, the graph logged beside the checkpoint (`model.onnx`, see `served_graph`) is
+        served; else an export of this exact checkpoint (by SHA-256) from the cache; torch is
+        imported only to export when neither exists (a slim install without torch says so in
+        one line). `onnx-int8` serves the run's checked int8 graph (`model.int8.onnx`), and the
+        float graph as `onnx` does when the run has none.
         """
         if backend not in BACKENDS:
-            raise ConfigError(f"unknown inference backend {backend!r}; known: torch, onnx")
+            raise ConfigError(
+                f"unknown inference backend {backend!r}; known: {', '.join(BACKENDS)}"
+            )
         path = Path(path)
         on_cpu = device is None or device.type == "cpu"
-        use_onnx = backend == "onnx" and on_cpu and path.is_file()
+        use_onnx = backend != "torch" and on_cpu and path.is_file()
         name, folder = "", None
+        if use_onnx and backend == "onnx-int8":
+            session = _logged_session(path, num_threads or 1, int8=True)
+            if session is not None:
+                return cls(session=session, backend="onnx-int8")
         if use_onnx:
             session = _logged_session(path, num_threads or 1)
             if session is not None:  # the run's own graph: no cache looked up, no digest taken
@@ -121,7 +138,7 @@ class Classifier:
         if use_onnx:
             exported = onnx_export.export_model(model, folder, name)
             return cls(session=onnx_export.onnx_session(exported, num_threads or 1))
-        if backend == "onnx":
+        if backend != "torch":
             logger.info("ONNX Runtime runs on the CPU here; using PyTorch on %s", device)
         return cls(model, device)
 

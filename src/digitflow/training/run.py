@@ -35,8 +35,15 @@ from digitflow.training.loop import (
     predict_labels,
     train_one_epoch,
 )
-from digitflow.training.mlflow_model import ONNX_DIGEST_TAG, write_mlflow_model
+from digitflow.training.mlflow_model import (
+    INT8_TAG,
+    ONNX_DIGEST_TAG,
+    int8_metrics,
+    int8_verdict,
+    write_mlflow_model,
+)
 from digitflow.training.net import Net
+from digitflow.training.quantize import CheckImages, split_check_images
 
 logger = logging.getLogger(__name__)
 
@@ -177,19 +184,24 @@ def _log_model(
     fitted: _Fitted,
     config: TrainConfig,
     golden: list[GoldenImage],
+    check_data: CheckImages,
     workdir: Path,
 ) -> None:
-    """Log the `model/` folder (the seed's `model.pt`, `golden.json`, and `model.onnx` with its
-    `MLmodel`: an MLflow Model) and `train_model_config.json` to the run; tag the graph's digest."""
+    """Log the `model/` folder (the seed's `model.pt`, `golden.json`, `model.onnx` with its
+    `MLmodel`: an MLflow Model, and `model.int8.onnx` when it passed its check) and
+    `train_model_config.json` to the run; tag the graph's digest and log the int8 check."""
     model_dir = workdir / MODEL_DIR
     checkpoint = model_dir / CHECKPOINT_FILENAME
     save_checkpoint(
         checkpoint, model, optimiser, config.epochs, fitted.train.loss, fitted.test.loss
     )
     write_golden(model_dir / GOLDEN_FILENAME, golden)
-    record, _ = write_mlflow_model(checkpoint, model, golden)
+    export = write_mlflow_model(checkpoint, model, golden, check_data)
     mlflow.log_artifacts(str(model_dir), MODEL_DIR)
-    mlflow.set_tag(ONNX_DIGEST_TAG, record.onnx_sha256)
+    mlflow.set_tag(ONNX_DIGEST_TAG, export.record.onnx_sha256)
+    if export.int8_check is not None:
+        mlflow.log_metrics(int8_metrics(export.int8_check))
+        mlflow.set_tag(INT8_TAG, int8_verdict(export.int8_check))
     mlflow.log_dict(config.to_dict(), CONFIG_ARTIFACT)
 
 
@@ -221,7 +233,8 @@ def run_training(
         mlflow.log_params({"train_size": len(train), "test_size": len(test)})
         fitted, optimiser = _fit(model, config, train, test, device, Path(tmp), progress)
         golden = golden_set(model, data_dir, test, config.golden_count, device)
-        _log_model(model, optimiser, fitted, config, golden, Path(tmp))
+        check_data = split_check_images(train, test)
+        _log_model(model, optimiser, fitted, config, golden, check_data, Path(tmp))
         return TrainResult(
             run_id=run.info.run_id,
             artifact_uri=str(run.info.artifact_uri),

@@ -120,7 +120,7 @@ class ModelFollower:
         self.generation = desired.generation
         previous: Readiness = self.app.state.readiness
         self.app.state.readiness = dataclasses.replace(
-            Readiness.serving(desired.model_uuid, report),
+            Readiness.serving(desired.model_uuid, report, classifier.backend),
             model_generation=desired.generation,
             last_refused_swap=previous.last_refused_swap,
             refused_swaps=previous.refused_swaps,
