@@ -15,10 +15,10 @@ import pytest
 from PIL import Image
 
 from digitflow import paths
+from digitflow.data.mnist import read_annotations
 from digitflow.data.photo_synth import CONDITIONS, render_drawing, render_photo
 from digitflow.inference.classifier import Classifier
 from digitflow.inference.preprocess import bytes_to_input
-from digitflow.data.mnist import read_annotations
 from digitflow.training.default_model import ensure_default_model
 from digitflow.training.quantize import MAX_ACCURACY_DROP, MIN_AGREEMENT
 
