@@ -19,7 +19,8 @@ import numpy as np
 from digitflow.inference.classifier import Classifier
 from digitflow.inference.preprocess import bytes_to_input
 
-BACKENDS = ("torch", "onnx")
+BACKENDS = ("torch", "onnx", "onnx-int8")
+CEILING_ENGINES = ("onnx", "onnx-int8")
 
 
 def _rate(fn: Callable[[], object], seconds: float) -> tuple[int, float, list[float]]:
@@ -89,10 +90,10 @@ def format_table(results: Sequence[dict[str, Any]]) -> str:
 
 
 def _ceiling_worker(
-    checkpoint: Path, blobs: list[bytes], seconds: float, start: Any
+    checkpoint: Path, blobs: list[bytes], seconds: float, start: Any, engine: str
 ) -> tuple[int, float]:
     """One worker's share of the ceiling: images done and seconds taken."""
-    classifier = Classifier.from_checkpoint(checkpoint, backend="onnx", num_threads=1)
+    classifier = Classifier.from_checkpoint(checkpoint, backend=engine, num_threads=1)
     classifier.warm_up()
     batches = [blobs[i : i + 64] for i in range(0, len(blobs) - 63, 64)]
     start.wait()
@@ -105,16 +106,21 @@ def _ceiling_worker(
 
 
 def ceiling(
-    checkpoint: Path, samples: Sequence[tuple[bytes, int]], workers: int, seconds: float
+    checkpoint: Path,
+    samples: Sequence[tuple[bytes, int]],
+    workers: int,
+    seconds: float,
+    engine: str = "onnx",
 ) -> float:
-    """Images/s of decode + preprocess + forward in `workers` processes at once."""
+    """Images/s of decode + preprocess + forward in `workers` processes at once, on `engine`'s
+    graph (`onnx` or `onnx-int8`)."""
     blobs = [data for data, _ in samples]
     context = multiprocessing.get_context("spawn")
     with context.Manager() as manager:
         start = manager.Barrier(workers + 1)
         with context.Pool(workers) as pool:
             pending = [
-                pool.apply_async(_ceiling_worker, (checkpoint, blobs, seconds, start))
+                pool.apply_async(_ceiling_worker, (checkpoint, blobs, seconds, start, engine))
                 for _ in range(workers)
             ]
             start.wait()

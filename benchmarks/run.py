@@ -1,10 +1,10 @@
 """`make bench`: the seed's reference design and digitflow, side by side, in one run.
 
     python -m benchmarks.run [--checkpoint PATH] [--seconds 15] [--warmup 3]
-                             [--servers baseline,digitflow,digitflow-seed-cmd,ray]
+                             [--servers baseline,digitflow,digitflow-int8,digitflow-seed-cmd,ray]
 
-1. In-process limits per backend, and the ceiling: decode + preprocess + forward in as many
-   processes as digitflow has workers (see `benchmarks.inprocess`).
+1. In-process limits per backend, and the ceilings (float and int8 graph): decode + preprocess +
+   forward in as many processes as digitflow has workers (see `benchmarks.inprocess`).
 2. For each server: start it (gunicorn + uvicorn workers on 127.0.0.1), drive it with wrk at
    concurrency 1, 16 and 64 with one real MNIST PNG per request, then 64 images per request,
    each measured for `--seconds` after a `--warmup`; every answer is checked against its label.
@@ -13,7 +13,8 @@
 
 Servers: `baseline` is `benchmarks/baseline_app.py` served the seed's way (`-w 4`,
 `uvicorn.workers.UvicornWorker`); `digitflow` is served the recommended way (2 workers, one
-thread each, ONNX Runtime); `digitflow-seed-cmd` is digitflow under the seed's own command;
+thread each, ONNX Runtime); `digitflow-int8` the same on the run's int8 graph
+(`INFERENCE_BACKEND=onnx-int8`); `digitflow-seed-cmd` is digitflow under the seed's own command;
 `ray` is `digitflow serve --engine ray` (one replica per digitflow worker, local cluster).
 Run it on an otherwise idle machine; the numbers are only comparable within one run.
 """
@@ -60,6 +61,14 @@ def server_specs(checkpoint: Path) -> dict[str, http_load.ServerSpec]:
             "uvicorn_worker.UvicornWorker",
             paths.PACKAGE_DIR.parent,
             {**model_env, "INFERENCE_BACKEND": "onnx"},
+        ),
+        "digitflow-int8": http_load.ServerSpec(
+            "digitflow-int8",
+            "digitflow_fastapi.main:APP",
+            2,
+            "uvicorn_worker.UvicornWorker",
+            paths.PACKAGE_DIR.parent,
+            {**model_env, "INFERENCE_BACKEND": "onnx-int8"},
         ),
         "digitflow-request-log": http_load.ServerSpec(
             "digitflow-request-log",
@@ -183,14 +192,18 @@ def ray_ratios(rows: list[dict[str, Any]]) -> list[str]:
     ]
 
 
-def ceiling_shares(rows: list[dict[str, Any]], ceiling: float) -> list[str]:
-    """Each digitflow run's images/s as a share of the in-process ceiling of the same run."""
-    return [
-        f"{r['server']} at c={r['connections']}, {r['images_per_request']} img/req: "
-        f"{r['images_per_s'] / ceiling:.0%} of the in-process ceiling"
-        for r in rows
-        if r["server"].startswith("digitflow") and ceiling > 0
-    ]
+def ceiling_shares(rows: list[dict[str, Any]], ceilings: dict[str, float]) -> list[str]:
+    """Each digitflow run's images/s as a share of the in-process ceiling of the same run, on
+    the same graph (`digitflow-int8` against the int8 ceiling, the others the float one)."""
+    lines = []
+    for r in rows:
+        engine = "onnx-int8" if r["server"].endswith("int8") else "onnx"
+        if r["server"].startswith("digitflow") and ceilings.get(engine, 0) > 0:
+            lines.append(
+                f"{r['server']} at c={r['connections']}, {r['images_per_request']} img/req: "
+                f"{r['images_per_s'] / ceilings[engine]:.0%} of the {engine} in-process ceiling"
+            )
+    return lines
 
 
 def main() -> None:
@@ -201,7 +214,9 @@ def main() -> None:
     parser.add_argument("--warmup", type=float, default=3.0, help="before each load run")
     parser.add_argument("--inprocess-seconds", type=float, default=3.0)
     parser.add_argument("--connections", default="1,16,64")
-    parser.add_argument("--servers", default=f"baseline,digitflow,digitflow-seed-cmd,{RAY}")
+    parser.add_argument(
+        "--servers", default=f"baseline,digitflow,digitflow-int8,digitflow-seed-cmd,{RAY}"
+    )
     parser.add_argument("--skip-inprocess", action="store_true")
     parser.add_argument(
         "--before-src",
@@ -226,12 +241,15 @@ def main() -> None:
         report["inprocess"] = inprocess.measure_all(checkpoint, samples, args.inprocess_seconds)
         print("\nIn-process, 1 thread:\n" + inprocess.format_table(report["inprocess"]))
     workers = server_specs(checkpoint)["digitflow"].workers
-    report["ceiling_images_per_s"] = inprocess.ceiling(
-        checkpoint, samples, workers, args.inprocess_seconds
-    )
+    ceilings = {
+        engine: inprocess.ceiling(checkpoint, samples, workers, args.inprocess_seconds, engine)
+        for engine in inprocess.CEILING_ENGINES
+    }
+    report["ceiling_images_per_s"] = ceilings
     print(
         f"\nIn-process ceiling (decode + preprocess + forward at 64, {workers} processes, "
-        f"1 thread each): {report['ceiling_images_per_s']:,.0f} img/s"
+        "1 thread each): "
+        + ", ".join(f"{engine} {rate:,.0f} img/s" for engine, rate in ceilings.items())
     )
 
     specs = server_specs(checkpoint)
@@ -265,7 +283,7 @@ def main() -> None:
             )
     report["http"] = rows
     print("\n" + "\n".join(ratios(rows) + ray_ratios(rows)))
-    print("\n" + "\n".join(ceiling_shares(rows, report["ceiling_images_per_s"])))
+    print("\n" + "\n".join(ceiling_shares(rows, ceilings)))
     RESULTS_DIR.mkdir(parents=True, exist_ok=True)
     out = RESULTS_DIR / f"bench-{stamp}.json"
     out.write_text(json.dumps(report, indent=2))

@@ -107,9 +107,9 @@ class ModelSettings(EnvSettings):
     )
     INFERENCE_BACKEND: Backend = Field(
         default="onnx",
-        description="`onnx` (ONNX Runtime on the run's `model.onnx`, or an export cached once "
+        description="`onnx` (ONNX Runtime on the run's logged graph, or an export cached once "
         "per checkpoint; same predictions as torch, ~2.5× faster here), `onnx-int8` (the run's "
-        "calibrated `model.int8.onnx`, ~2.7× faster than `onnx` per image; kept at training only "
+        "calibrated int8 graph, ~2.7× faster than `onnx` per forward pass; kept at training only "
         "if its classes agree with the float graph's on ≥ 99.5 % of held-out images and its "
         "accuracy is within 0.2 pp; the float graph when the run has none) or `torch`; a GPU "
         "request uses torch.",

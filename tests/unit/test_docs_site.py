@@ -28,7 +28,13 @@ REPO_ROOT = Path(__file__).resolve().parents[2]
 DOCS_DIR = REPO_ROOT / "docs"
 HOOK_PATH = DOCS_DIR / "hooks" / "settings_page.py"
 # Dotted names in the docs that are not modules: a logger's name and an MLflow tag.
-NOT_MODULES = {"digitflow_fastapi.access", "digitflow.config_digest", "digitflow.onnx_sha256"}
+# Run tags named like modules.
+NOT_MODULES = {
+    "digitflow_fastapi.access",
+    "digitflow.config_digest",
+    "digitflow.onnx_sha256",
+    "digitflow.int8",
+}
 
 
 class UndocumentedSettings(BaseSettings):
@@ -152,7 +158,7 @@ def test_types_and_defaults_read_as_written_in_the_environment() -> None:
     assert hook.default_label("MAX_UPLOAD_BYTES", upload) == "`10485760` (10 MiB)"
     assert hook.default_label("REUSE_PORT", fields["REUSE_PORT"]) == "`true`"
     assert hook.default_label("RAY_ADDRESS", fields["RAY_ADDRESS"]) == "unset"
-    assert hook.type_label(fields["INFERENCE_BACKEND"].annotation) == "one of `onnx`, `torch`"
+    assert hook.type_label(fields["INFERENCE_BACKEND"].annotation) == "one of `onnx`, `onnx-int8`, `torch`"
 
 
 def cited_paths(text: str) -> set[str]:
