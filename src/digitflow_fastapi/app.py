@@ -183,6 +183,7 @@ def build_lifespan(
             max_queued_images=conf.MAX_QUEUED_IMAGES_PER_WORKER,
             timeout_ms=conf.REQUEST_TIMEOUT_MS,
             on_wait=metrics.METRICS.observe_queue_wait,
+            inline_max_images=conf.INLINE_FORWARD_MAX_IMAGES,
         )
         await batcher.start()
         app.state.service = ModelService(batcher=batcher, model_uuid=readiness.model_uuid or "")

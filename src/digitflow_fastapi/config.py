@@ -154,6 +154,12 @@ class Settings(ModelSettings):
         description="When ≥ 2 requests wait, how long to wait for more to fill a batch; 0: greedy "
         "(measured best here).",
     )
+    INLINE_FORWARD_MAX_IMAGES: NonNegativeInt = Field(
+        default=1,
+        description="A request of at most this many images that finds the worker's batcher idle "
+        "runs its forward pass on the event loop, skipping two thread hand-offs; 0: always hand "
+        "off to the inference thread.",
+    )
     MAX_QUEUED_IMAGES_PER_WORKER: PositiveInt = Field(
         default=4096,
         description="Images waiting in a worker's batch queue; a request that does not fit gets "

@@ -158,7 +158,8 @@ def test_types_and_defaults_read_as_written_in_the_environment() -> None:
     assert hook.default_label("MAX_UPLOAD_BYTES", upload) == "`10485760` (10 MiB)"
     assert hook.default_label("REUSE_PORT", fields["REUSE_PORT"]) == "`true`"
     assert hook.default_label("RAY_ADDRESS", fields["RAY_ADDRESS"]) == "unset"
-    assert hook.type_label(fields["INFERENCE_BACKEND"].annotation) == "one of `onnx`, `onnx-int8`, `torch`"
+    backends = hook.type_label(fields["INFERENCE_BACKEND"].annotation)
+    assert backends == "one of `onnx`, `onnx-int8`, `torch`"
 
 
 def cited_paths(text: str) -> set[str]:

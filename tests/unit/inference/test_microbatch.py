@@ -23,10 +23,12 @@ class Recorder:
         self.gate = threading.Event()
         self.gate.set()
         self.fail_on: int | None = None
+        self.threads: list[str] = []
 
     def predict(self, batch: npt.NDArray[np.float32]) -> list[Prediction]:
         self.gate.wait()
         self.sizes.append(len(batch))
+        self.threads.append(threading.current_thread().name)
         if self.fail_on is not None and len(batch) == self.fail_on:
             raise RuntimeError("boom")
         return self.inner.predict(batch)
@@ -210,3 +212,45 @@ def test_a_request_unanswered_past_the_timeout_gets_queue_timeout_and_is_not_run
     assert isinstance(first, QueueTimeout) and isinstance(late, QueueTimeout)
     assert 7 not in recorder.sizes  # expired while queued: never sent to the model
     assert len(waits) == 2 and max(waits) >= 0.1
+
+
+def test_an_idle_batcher_runs_a_small_request_on_the_event_loop_and_a_big_one_in_its_thread(
+    recorder: Recorder,
+) -> None:
+    async def run(inline: int) -> list[list[Prediction]]:
+        batcher = MicroBatcher(recorder, max_batch_size=64, inline_max_images=inline)  # type: ignore[arg-type]
+        await batcher.start()
+        out = [await batcher.predict(_images(1, 0)), await batcher.predict(_images(3, 1))]
+        await batcher.stop()
+        return out
+
+    inline = asyncio.run(run(1))
+    loop_thread = threading.current_thread().name  # asyncio.run's loop runs in this thread
+    assert recorder.threads[0] == loop_thread
+    assert recorder.threads[1].startswith("digitflow-infer")
+    recorder.threads.clear()
+    handed_off = asyncio.run(run(0))
+    assert all(name.startswith("digitflow-infer") for name in recorder.threads)
+    assert [[p.label for p in r] for r in inline] == [[p.label for p in r] for r in handed_off]
+
+
+def test_a_small_request_queues_behind_a_running_forward_pass_instead_of_running_inline(
+    recorder: Recorder,
+) -> None:
+    async def run() -> None:
+        batcher = MicroBatcher(recorder, max_batch_size=64, inline_max_images=8)  # type: ignore[arg-type]
+        await batcher.start()
+        recorder.gate.clear()  # the first (9 images, too many for inline) blocks in the thread
+        first = asyncio.create_task(batcher.predict(_images(9, 0)))
+        while not batcher._running:
+            await asyncio.sleep(0.01)
+        second = asyncio.create_task(batcher.predict(_images(1, 1)))
+        third = asyncio.create_task(batcher.predict(_images(1, 2)))
+        await asyncio.sleep(0.05)
+        recorder.gate.set()
+        await asyncio.gather(first, second, third)
+        await batcher.stop()
+
+    asyncio.run(run())
+    assert recorder.sizes == [9, 2]  # the two small ones were batched after it, not run inline
+    assert all(name.startswith("digitflow-infer") for name in recorder.threads)
