@@ -154,7 +154,8 @@ class Settings(ModelSettings):
     )
     MAX_BATCH_SIZE: PositiveInt = Field(
         default=64,
-        description="Most images in one forward pass when concurrent requests are batched.",
+        description="Most images handed to the model at once when concurrent requests are "
+        "batched (ONNX Runtime runs them in slices, to bound its memory).",
     )
     MAX_BATCH_WAIT_MS: NonNegativeFloat = Field(
         default=0.0,

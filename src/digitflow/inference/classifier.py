@@ -1,8 +1,9 @@
 """Classifier: batched prediction on preprocessed arrays; no HTTP knowledge.
 
-One forward pass per batch, by ONNX Runtime or under `torch.inference_mode()` on a model in
-`eval()` mode, so the same image always gets the same answer. The serving layer, the CLI's
-batch prediction and the benchmarks all go through this class.
+One call per batch (ONNX Runtime runs it in slices of `SESSION_SLICE` images), by ONNX Runtime or
+under `torch.inference_mode()` on a model in `eval()` mode, so the same image always gets the
+same answer. The serving layer, the CLI's batch prediction and the benchmarks all go through
+this class.
 """
 
 from __future__ import annotations
