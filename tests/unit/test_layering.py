@@ -185,3 +185,35 @@ def test_what_the_slim_image_starts_imports_nothing_of_the_train_extra(start: st
 def test_the_closure_follows_our_modules_to_the_libraries_they_import() -> None:
     closure = module_level_closure("digitflow.training.default_model")
     assert {"digitflow.training.run", "torch", "mlflow"} <= closure
+
+
+# What the gunicorn master imports: its config module (which reads the settings) and the modules
+# its master-side hooks (`on_starting`, the model swap on SIGHUP) import.
+MASTER_MODULES = (
+    "digitflow_fastapi.lifecycle.gunicorn_conf",
+    "digitflow_fastapi.config",
+    "digitflow_fastapi.lifecycle.handoff",
+    "digitflow_fastapi.lifecycle.model_keeper",
+    "digitflow_fastapi.lifecycle.model_state",
+    "digitflow.artifacts.refs",
+)
+# Libraries only a worker needs. The master's heap is copied into every worker it forks and
+# counts in each one's RSS; measured with 2 workers, importing numpy, OpenCV, Pillow and FastAPI
+# in the master made it 80 MiB instead of 42, and the three processes 10 MiB more in all.
+WORKER_LIBRARIES = ("numpy", "cv2", "PIL", "onnxruntime", "fastapi", "starlette", "yaml", "mlflow")
+
+MASTER_PROBE = """
+import importlib, json, sys
+for name in sys.argv[1:]:
+    importlib.import_module(name)
+print(json.dumps(sorted(m for m in {libraries} if m in sys.modules)))
+"""
+
+
+def test_the_gunicorn_master_imports_none_of_the_worker_s_libraries() -> None:
+    probe = MASTER_PROBE.format(libraries=repr(WORKER_LIBRARIES))
+    done = subprocess.run(
+        [sys.executable, "-c", probe, *MASTER_MODULES], capture_output=True, text=True, timeout=120
+    )
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout.strip().splitlines()[-1]) == []

@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 
 from digitflow.artifacts import run_layout
-from digitflow.inference import preprocess
+from digitflow.inference import limits, preprocess
 from digitflow.inference.microbatch import MicroBatcher
 from digitflow.settings import CoreSettings, EnvSettings, ModelSettings
 from digitflow_fastapi.config import Settings
@@ -80,8 +80,8 @@ def _default(function: Any, parameter: str) -> Any:
 
 def test_the_image_limits_default_to_the_library_s_own_defaults() -> None:
     settings = Settings()
-    assert settings.MAX_IMAGE_PIXELS == preprocess.DEFAULT_MAX_IMAGE_PIXELS == 20_000_000
-    assert settings.MAX_DECODE_PIXELS == preprocess.DEFAULT_MAX_WORK_PIXELS
+    assert settings.MAX_IMAGE_PIXELS == limits.DEFAULT_MAX_IMAGE_PIXELS == 20_000_000
+    assert settings.MAX_DECODE_PIXELS == limits.DEFAULT_MAX_WORK_PIXELS
     for function in (preprocess.decode_image, preprocess.bytes_to_input):
         assert _default(function, "max_pixels") == settings.MAX_IMAGE_PIXELS
         assert _default(function, "max_work_pixels") == settings.MAX_DECODE_PIXELS

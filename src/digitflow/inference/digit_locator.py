@@ -23,6 +23,8 @@ import cv2
 import numpy as np
 import numpy.typing as npt
 
+from digitflow.inference.limits import DEFAULT_MAX_COMPONENTS
+
 MNIST_SIZE: Final = 28
 MNIST_BOX: Final = 20
 # Stroke width over the digit's longer side, measured (2·area/boundary) on the training PNGs.
@@ -36,10 +38,6 @@ EDGE_FRACTION: Final = 0.25
 FRAME_INK: Final = 0.3
 # A component whose stroke width exceeds this share of its longer side is a blob, not a stroke.
 BLOB_RATIO: Final = 0.4
-# Default most stroke components one image may split into; past it the image is noise (a dot
-# grid, sensor grain), not a digit, and reads as an image without one. Real photos, scans and
-# drawings of a digit give tens to a few hundred at most.
-DEFAULT_MAX_COMPONENTS: Final = 1000
 
 UInt8Array = npt.NDArray[np.uint8]
 FloatArray = npt.NDArray[np.float32]

@@ -25,20 +25,20 @@ import numpy.typing as npt
 from PIL import Image, ImageOps
 
 from digitflow.errors import ImageTooLarge, InvalidImage, UnsupportedImageFormat
-from digitflow.inference.digit_locator import DEFAULT_MAX_COMPONENTS, locate_digit
+from digitflow.inference.digit_locator import locate_digit
 from digitflow.inference.image_structure import (
     DEFAULT_MAX_SEGMENTS,
     check_jpeg,
     check_png,
     count_gif_frames,
 )
+from digitflow.inference.limits import (
+    DEFAULT_MAX_COMPONENTS,
+    DEFAULT_MAX_IMAGE_PIXELS,
+    DEFAULT_MAX_WORK_PIXELS,
+)
 
 MNIST_SIZE: Final = 28
-# Width × height an image may declare (the server's MAX_IMAGE_PIXELS), checked from its header.
-DEFAULT_MAX_IMAGE_PIXELS: Final = 20_000_000
-# What the decoder may materialise for one image, in pixels (see `ImageProbe.work_pixels`): a
-# digit needs a few hundred pixels a side, and this bounds one decode to ~20 MiB and ~50 ms.
-DEFAULT_MAX_WORK_PIXELS: Final = 4 * 1024 * 1024
 # Only the first frame is decoded; a file declaring more frames than this is refused (a GIF's
 # are counted up to one past it, not to the end).
 MAX_FRAMES: Final = 100

@@ -33,9 +33,10 @@ import numpy.typing as npt
 from starlette.concurrency import run_in_threadpool
 
 from digitflow.errors import ImageTooLarge, InvalidImage
-from digitflow.inference.digit_locator import DEFAULT_MAX_COMPONENTS
 from digitflow.inference.image_structure import DEFAULT_MAX_SEGMENTS
+from digitflow.inference.limits import DEFAULT_MAX_COMPONENTS
 from digitflow.inference.preprocess import bytes_to_input, probe_image
+from digitflow_fastapi.config import DEFAULT_INLINE_DECODE_BYTES
 from digitflow_fastapi.errors import RequestError, status_for
 
 FloatBatch = npt.NDArray[np.float32]
@@ -43,9 +44,6 @@ Decode = Callable[[bytes, int, int], npt.NDArray[np.float32]]
 
 INLINE_WORK_PIXELS = 256 * 256
 LARGE_WORK_PIXELS = 1024 * 1024
-# Default bytes of a request's images probed and decoded on the loop (INLINE_DECODE_MAX_BYTES):
-# 64 MNIST PNGs take ~20 KB; parsing costs at most ~0.2 µs a byte, so ≤ ~6 ms of loop time.
-DEFAULT_INLINE_DECODE_BYTES = 32 * 1024
 _PNG_HEAD = b"\x89PNG\r\n\x1a\n\x00\x00\x00\x0dIHDR"
 
 

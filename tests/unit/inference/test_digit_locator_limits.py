@@ -9,7 +9,8 @@ import numpy.typing as npt
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from digitflow.inference.digit_locator import DEFAULT_MAX_COMPONENTS, _grow_group, locate_digit
+from digitflow.inference.digit_locator import _grow_group, locate_digit
+from digitflow.inference.limits import DEFAULT_MAX_COMPONENTS
 
 
 def _dot_grid(side: int, step: int, region: int | None = None) -> npt.NDArray[np.uint8]:

@@ -2,15 +2,24 @@
 
 from __future__ import annotations
 
+import gc
 import os
 from pathlib import Path
+from typing import Any
 
+import numpy as np
 import pytest
 import torch
 
-from digitflow.inference.classifier import Classifier
-from digitflow.inference.onnx_export import export_name, private_folder, read_cached
-from digitflow.training.checkpoint import save_checkpoint
+from digitflow.inference.classifier import SESSION_SLICE, Classifier
+from digitflow.inference.onnx_export import (
+    export_model,
+    export_name,
+    onnx_session,
+    private_folder,
+    read_cached,
+)
+from digitflow.training.checkpoint import load_model, save_checkpoint
 from digitflow.training.net import Net
 
 
@@ -94,3 +103,37 @@ def test_an_empty_or_corrupt_export_is_rebuilt(
 def test_without_a_cache_folder_the_export_stays_in_memory(checkpoint: Path) -> None:
     classifier = Classifier.from_checkpoint(checkpoint, backend="onnx", cache_dir=None)
     assert classifier.backend == "onnx"
+
+
+def test_a_session_does_not_keep_the_graph_bytes_it_was_built_from(checkpoint: Path) -> None:
+    """The weights live in the session; a second copy of the graph would stay for its life."""
+    graph = export_model(load_model(checkpoint, torch.device("cpu")), None, "unused")
+    session = onnx_session(graph, 1)
+    holders = gc.get_referrers(graph)
+    assert not any(holder is session or holder is vars(session) for holder in holders)
+    sample = torch.rand(2, 1, 28, 28).numpy()
+    assert session.run(None, {"images": sample})[0].shape == (2, 10)
+
+
+class RecordingSession:
+    """A real session that notes how many images each run gets."""
+
+    def __init__(self, session: Any) -> None:
+        self.session, self.sizes = session, list[int]()
+
+    def run(self, outputs: Any, feeds: dict[str, Any]) -> Any:
+        self.sizes.append(len(feeds["images"]))
+        return self.session.run(outputs, feeds)
+
+
+def test_a_large_batch_runs_in_slices_with_the_answers_of_one_run(checkpoint: Path) -> None:
+    """The session's arena keeps room for the largest run it has seen; slices bound that."""
+    session = onnx_session(export_model(load_model(checkpoint), None, "unused"), 1)
+    recording = RecordingSession(session)
+    classifier = Classifier(session=recording)
+    batch = torch.rand(2 * SESSION_SLICE + 3, 1, 28, 28).numpy()
+    sliced = classifier.log_probabilities(batch)
+    assert recording.sizes == [SESSION_SLICE, SESSION_SLICE, 3]
+    (whole,) = session.run(None, {"images": batch})
+    np.testing.assert_allclose(sliced, whole, rtol=1e-5, atol=1e-6)
+    assert classifier.log_probabilities(batch[:0]).shape == (0, 10)

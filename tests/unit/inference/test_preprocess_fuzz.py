@@ -15,12 +15,8 @@ from hypothesis import strategies as st
 from PIL import Image
 
 from digitflow.errors import ImageTooLarge, InvalidImage
-from digitflow.inference.preprocess import (
-    DEFAULT_MAX_IMAGE_PIXELS,
-    DEFAULT_MAX_WORK_PIXELS,
-    bytes_to_input,
-    probe_image,
-)
+from digitflow.inference.limits import DEFAULT_MAX_IMAGE_PIXELS, DEFAULT_MAX_WORK_PIXELS
+from digitflow.inference.preprocess import bytes_to_input, probe_image
 from tests.support.image_floods import (
     dot_grid_png,
     gif_frame_flood,

@@ -9,8 +9,8 @@ import pytest
 from PIL import Image, ImageDraw
 
 from digitflow.errors import ImageTooLarge, InvalidImage
+from digitflow.inference.limits import DEFAULT_MAX_WORK_PIXELS
 from digitflow.inference.preprocess import (
-    DEFAULT_MAX_WORK_PIXELS,
     MAX_FRAMES,
     ImageProbe,
     bytes_to_input,

@@ -14,11 +14,10 @@ from PIL import Image
 
 from digitflow.inference.preprocess import ImageProbe, probe_image
 from digitflow_fastapi.app import decode_limits
-from digitflow_fastapi.config import Settings
+from digitflow_fastapi.config import DEFAULT_INLINE_DECODE_BYTES, Settings
 from digitflow_fastapi.errors import RequestError
 from digitflow_fastapi.protocols import decoding
 from digitflow_fastapi.protocols.decoding import (
-    DEFAULT_INLINE_DECODE_BYTES,
     INLINE_WORK_PIXELS,
     DecodeLimits,
     ImageDecoder,
