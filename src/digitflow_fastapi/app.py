@@ -184,6 +184,7 @@ def build_lifespan(
             timeout_ms=conf.REQUEST_TIMEOUT_MS,
             on_wait=metrics.METRICS.observe_queue_wait,
             inline_max_images=conf.INLINE_FORWARD_MAX_IMAGES,
+            alone=lambda: getattr(app, "in_flight", 0) <= 1,
         )
         await batcher.start()
         app.state.service = ModelService(batcher=batcher, model_uuid=readiness.model_uuid or "")

@@ -214,11 +214,16 @@ def test_a_request_unanswered_past_the_timeout_gets_queue_timeout_and_is_not_run
     assert len(waits) == 2 and max(waits) >= 0.1
 
 
-def test_an_idle_batcher_runs_a_small_request_on_the_event_loop_and_a_big_one_in_its_thread(
+def test_a_lone_small_request_runs_on_the_event_loop_and_others_in_the_inference_thread(
     recorder: Recorder,
 ) -> None:
-    async def run(inline: int) -> list[list[Prediction]]:
-        batcher = MicroBatcher(recorder, max_batch_size=64, inline_max_images=inline)  # type: ignore[arg-type]
+    async def run(inline: int, alone: bool = True) -> list[list[Prediction]]:
+        batcher = MicroBatcher(
+            recorder,  # type: ignore[arg-type]
+            max_batch_size=64,
+            inline_max_images=inline,
+            alone=lambda: alone,
+        )
         await batcher.start()
         out = [await batcher.predict(_images(1, 0)), await batcher.predict(_images(3, 1))]
         await batcher.stop()
@@ -230,6 +235,9 @@ def test_an_idle_batcher_runs_a_small_request_on_the_event_loop_and_a_big_one_in
     assert recorder.threads[1].startswith("digitflow-infer")
     recorder.threads.clear()
     handed_off = asyncio.run(run(0))
+    assert all(name.startswith("digitflow-infer") for name in recorder.threads)
+    recorder.threads.clear()
+    asyncio.run(run(1, alone=False))  # another request in flight: batch, do not block the loop
     assert all(name.startswith("digitflow-infer") for name in recorder.threads)
     assert [[p.label for p in r] for r in inline] == [[p.label for p in r] for r in handed_off]
 
