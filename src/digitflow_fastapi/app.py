@@ -37,6 +37,7 @@ from digitflow_fastapi.edge.asgi import LeanFastAPI
 from digitflow_fastapi.edge.checks import Edge
 from digitflow_fastapi.errors import install_error_handlers
 from digitflow_fastapi.health import router as health_router
+from digitflow_fastapi.lifecycle.connection_guard import open_connections
 from digitflow_fastapi.lifecycle.handoff import Handoff, decided_pin, read_handoff
 from digitflow_fastapi.lifecycle.model_state import DesiredModel
 from digitflow_fastapi.lifecycle.model_swap import ModelFollower, desired_at_boot
@@ -184,7 +185,7 @@ def build_lifespan(
             timeout_ms=conf.REQUEST_TIMEOUT_MS,
             on_wait=metrics.METRICS.observe_queue_wait,
             inline_max_images=conf.INLINE_FORWARD_MAX_IMAGES,
-            alone=lambda: getattr(app, "in_flight", 0) <= 1,
+            alone=lambda: open_connections() == 1,
         )
         await batcher.start()
         app.state.service = ModelService(batcher=batcher, model_uuid=readiness.model_uuid or "")

@@ -164,8 +164,8 @@ class Settings(ModelSettings):
     )
     INLINE_FORWARD_MAX_IMAGES: NonNegativeInt = Field(
         default=1,
-        description="A request of at most this many images that is the only one in flight in its "
-        "worker, with the batcher idle, runs its forward pass on the event loop, skipping two "
+        description="A request of at most this many images, on the only connection its worker "
+        "holds, with the batcher idle, runs its forward pass on the event loop, skipping two "
         "thread hand-offs (c=1 latency); 0: always hand off to the inference thread.",
     )
     MAX_QUEUED_IMAGES_PER_WORKER: PositiveInt = Field(

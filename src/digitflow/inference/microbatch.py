@@ -13,10 +13,10 @@ batch 2 to 64, so a window only adds latency.
 
 Idle fast path: with `inline_max_images` > 0, a request of at most that many images that finds
 the batcher idle (nothing queued, no forward pass running) and, per `alone` (the server passes
-"no other request is in flight in this worker"), no other request coming, runs its forward pass
-right on the event loop: for a lone client the two thread hand-offs cost more than a small
-forward pass. With concurrency, requests queue and batch as above (running them inline one by
-one measured 25 % slower at 64 connections).
+"this worker holds one connection"), no other request coming, runs its forward pass right on
+the event loop: for a lone client the two thread hand-offs cost more than a small forward pass.
+With concurrency, requests queue and batch as above (running them inline one by one measured
+25 % slower at 64 connections: while one runs, the others wait unread).
 
 Backpressure: at most `max_queued_images` images wait at once (`QueueFull` at once beyond that,
 instead of a queue that grows without bound), and a request still unanswered `timeout_ms` after

@@ -15,6 +15,9 @@ or body a byte at a time, all the time it wants, and it ignores gunicorn's `limi
 - a graceful drain: on shutdown an idle keep-alive connection stays open for `drain_seconds`, so
   a request already on its way is answered (with `Connection: close`) instead of being dropped.
 
+It also tells the app how many connections its worker holds (`open_connections`): the batcher
+runs a lone client's forward pass inline only when this is the worker's one connection.
+
 `gunicorn_conf.post_worker_init` installs it with the values of `Settings`, so the seed's command
 (`-k uvicorn.workers.UvicornWorker`) and `digitflow serve` both get it.
 """
@@ -70,6 +73,14 @@ def raw_json_response(status: int, detail: str, extra_headers: tuple[bytes, ...]
         b"\r\n",
     ]
     return b"".join(head) + body
+
+
+_worker_connections: set[Any] = set()  # uvicorn's per-server set, shared by its connections
+
+
+def open_connections() -> int:
+    """The connections this worker holds open (0 when the guard is not installed)."""
+    return len(_worker_connections)
 
 
 class GuardedHttpToolsProtocol(HttpToolsProtocol):
@@ -129,7 +140,9 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
 
     # protocol and parser callbacks ---------------------------------------------------------
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        global _worker_connections
         super().connection_made(transport)
+        _worker_connections = self.connections
         if len(self.connections) > self.limits.max_connections:
             retry = f"retry-after: {self.limits.retry_after_seconds}\r\n".encode()
             transport.write(
