@@ -15,6 +15,10 @@ or body a byte at a time, all the time it wants, and it ignores gunicorn's `limi
 - a graceful drain: on shutdown an idle keep-alive connection stays open for `drain_seconds`, so
   a request already on its way is answered (with `Connection: close`) instead of being dropped.
 
+A response leaves in one write: the head uvicorn writes first is held until the body's first
+write (or the end of the response, or a close) and sent with it, so a small JSON answer is one
+syscall and one TCP segment instead of two (`_OneWriteTransport`).
+
 It also tells the app how many connections its worker holds (`open_connections`): the batcher
 runs a lone client's forward pass inline only when this is the worker's one connection.
 
@@ -75,6 +79,39 @@ def raw_json_response(status: int, detail: str, extra_headers: tuple[bytes, ...]
     return b"".join(head) + body
 
 
+class _OneWriteTransport:
+    """The transport a request cycle writes to: holds the response head (uvicorn writes it on
+    `http.response.start`) until the next write, close or the response's end, then sends it
+    with what follows in one write. `100 Continue` and anything else pass straight through."""
+
+    __slots__ = ("_head", "_transport")
+
+    def __init__(self, transport: asyncio.Transport) -> None:
+        self._transport = transport
+        self._head: bytes | None = None
+
+    def write(self, data: bytes) -> None:
+        if self._head is not None:
+            data, self._head = self._head + data, None
+        elif data.startswith(b"HTTP/1.1 ") and not data.startswith(b"HTTP/1.1 100 "):
+            self._head = data
+            return
+        self._transport.write(data)
+
+    def flush(self) -> None:
+        """Send a held head (a response without body writes: HEAD, or one that ended)."""
+        if self._head is not None:
+            head, self._head = self._head, None
+            self._transport.write(head)
+
+    def close(self) -> None:
+        self.flush()
+        self._transport.close()
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._transport, name)
+
+
 _worker_connections: set[Any] = set()  # uvicorn's per-server set, shared by its connections
 
 
@@ -98,6 +135,7 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         self._request_started = False
         self._progress = False  # the parser reached a header end, body bytes or a message end
         self._unframed_bytes = 0  # bytes fed since it last did
+        self._one_write: _OneWriteTransport | None = None
 
     @classmethod
     def configured(cls, limits: ConnectionLimits) -> type[GuardedHttpToolsProtocol]:
@@ -221,6 +259,10 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         self._progress = True
         self._disarm()
         super().on_headers_complete()
+        if self.cycle is not None:
+            if self._one_write is None:
+                self._one_write = _OneWriteTransport(self.transport)
+            self.cycle.transport = self._one_write  # type: ignore[assignment]
         if self._draining and self.cycle is not None:
             self.cycle.keep_alive = False
         if self.cycle is not None and self.cycle.more_body and self._expects_body():
@@ -245,6 +287,8 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
 
     def on_response_complete(self) -> None:
         self._request_started = False
+        if self._one_write is not None:
+            self._one_write.flush()
         super().on_response_complete()
         if not self.transport.is_closing() and not self.pipeline:
             self._arm(self.limits.header_timeout, self._on_header_deadline)

@@ -289,3 +289,55 @@ def test_a_head_streamed_without_its_line_end_gets_431_long_before_a_megabyte(
     assert b"exceed" in raw and raw.endswith(b"}")  # then the connection is closed
     assert sent < 256 * 1024, f"{sent} bytes were accepted before the refusal"
     assert httpx.get(server.url + "/health", timeout=10).status_code == 200
+
+
+def _read_response(sock: socket.socket) -> bytes:
+    """One response with a Content-Length body, read from a keep-alive connection."""
+    data = b""
+    while b"\r\n\r\n" not in data:
+        data += sock.recv(65536)
+    head, _, body = data.partition(b"\r\n\r\n")
+    length = next(
+        int(line.split(b":")[1])
+        for line in head.split(b"\r\n")
+        if line.lower().startswith(b"content-length:")
+    )
+    while len(body) < length:
+        body += sock.recv(65536)
+    return head + b"\r\n\r\n" + body
+
+
+def test_head_and_expect_100_continue_still_work_with_responses_sent_in_one_write(
+    server: ServerProcess,
+) -> None:
+    # The guard holds a response's head until its body (or its end): a HEAD answer has no body
+    # and must still leave; a 100 Continue is not a response head and must not be held.
+    png = io.BytesIO()
+    Image.new("L", (28, 28)).save(png, "PNG")
+    boundary = "b0undary"
+    body = (
+        (
+            f"--{boundary}\r\nContent-Disposition: form-data; "
+            'name="image_file"; filename="a.png"\r\nContent-Type: image/png\r\n\r\n'
+        ).encode()
+        + png.getvalue()
+        + f"\r\n--{boundary}--\r\n".encode()
+    )
+    with connect(server) as sock:
+        sock.sendall(b"HEAD /health HTTP/1.1\r\nHost: x\r\n\r\n")
+        sock.settimeout(5)
+        head = sock.recv(65536)  # /health is GET-only: 405, and a HEAD answer has no body
+        assert head.startswith(b"HTTP/1.1 405 ") and head.endswith(b"\r\n\r\n")
+        sock.sendall(
+            b"POST /api/v1/model/predict HTTP/1.1\r\nHost: x\r\nExpect: 100-continue\r\n"
+            + f"Content-Type: multipart/form-data; boundary={boundary}\r\n".encode()
+            + f"Content-Length: {len(body)}\r\n\r\n".encode()
+        )
+        assert sock.recv(65536) == b"HTTP/1.1 100 Continue\r\n\r\n"
+        sock.sendall(body)
+        status, answer = status_and_body(_read_response(sock))
+        sock.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")
+        assert status_and_body(_read_response(sock)) == (200, {"status": "ok"})
+    assert status == 200
+    (item,) = answer["data"]  # type: ignore[misc]
+    assert item["image_filename"] == "a.png" and item["prediction"] in set("0123456789")
