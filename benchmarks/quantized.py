@@ -4,9 +4,9 @@
 
 Quantizes the run's `model.onnx` (or an export of the checkpoint) two ways: dynamic (int8
 weights) and static QDQ (int8 weights and uint8 activations, calibrated on `--calibration`
-training PNGs, never held-out ones). Prints, for the float graph and each int8 one: forward
-images/s at 64 per call on one thread (the graphs alternate, three rounds), accuracy on the
-1,000 held-out PNGs and agreement with the float graph's classes, and the same on a photo set
+training PNGs, never held-out ones: what `digitflow train` keeps as `model.int8.onnx`).
+Prints, for the float graph and each int8 one: forward images/s at 64 per call on one thread
+(the graphs alternate, three rounds), accuracy on the 1,000 held-out PNGs and agreement with the float graph's classes, and the same on a photo set
 made by `python -m benchmarks.photos build DIR` when `--photos` names one. The issue's bar for
 serving an int8 graph: accuracy within 0.2 pp and classes agreeing on at least 99.5 %.
 """
@@ -59,37 +59,19 @@ def float_graph(checkpoint: Path) -> bytes:
 
 
 def quantized_graphs(graph: bytes, calibration: npt.NDArray[np.float32]) -> dict[str, bytes]:
-    """Dynamic and static-QDQ int8 versions of `graph`."""
-    from onnxruntime.quantization import (
-        CalibrationDataReader,
-        QuantFormat,
-        QuantType,
-        quantize_dynamic,
-        quantize_static,
-    )
+    """Dynamic int8 and static-QDQ int8 (what training keeps: `training.quantize`) versions."""
+    from onnxruntime.quantization import QuantType, quantize_dynamic
 
-    class Batches(CalibrationDataReader):  # type: ignore[misc]
-        def __init__(self) -> None:
-            self._batches = iter(
-                [{"images": calibration[i : i + 32]} for i in range(0, len(calibration), 32)]
-            )
-
-        def get_next(self) -> dict[str, Any] | None:
-            return next(self._batches, None)
+    from digitflow.training.quantize import quantize
 
     with tempfile.TemporaryDirectory(prefix="digitflow-int8-") as tmp:
-        source, dynamic, static = (Path(tmp) / n for n in ("f.onnx", "d.onnx", "s.onnx"))
+        source, dynamic = Path(tmp) / "f.onnx", Path(tmp) / "d.onnx"
         source.write_bytes(graph)
         quantize_dynamic(source, dynamic, weight_type=QuantType.QInt8)
-        quantize_static(
-            source,
-            static,
-            Batches(),
-            quant_format=QuantFormat.QDQ,
-            activation_type=QuantType.QUInt8,
-            weight_type=QuantType.QInt8,
-        )
-        return {"dynamic int8": dynamic.read_bytes(), "static int8 (QDQ)": static.read_bytes()}
+        return {
+            "dynamic int8": dynamic.read_bytes(),
+            "static int8 (QDQ)": quantize(graph, calibration),
+        }
 
 
 def forward_rate(session: Any, batch: npt.NDArray[np.float32], seconds: float) -> float:
