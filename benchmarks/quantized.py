@@ -6,9 +6,10 @@ Quantizes the run's `model.onnx` (or an export of the checkpoint) two ways: dyna
 weights) and static QDQ (int8 weights and uint8 activations, calibrated on `--calibration`
 training PNGs, never held-out ones: what `digitflow train` keeps as `model.int8.onnx`).
 Prints, for the float graph and each int8 one: forward images/s at 64 per call on one thread
-(the graphs alternate, three rounds), accuracy on the 1,000 held-out PNGs and agreement with the float graph's classes, and the same on a photo set
-made by `python -m benchmarks.photos build DIR` when `--photos` names one. The issue's bar for
-serving an int8 graph: accuracy within 0.2 pp and classes agreeing on at least 99.5 %.
+(the graphs alternate, three rounds), accuracy on the 1,000 held-out PNGs and agreement with
+the float graph's classes, and the same on a photo set made by
+`python -m benchmarks.photos build DIR` when `--photos` names one. The issue's bar for serving
+an int8 graph: accuracy within 0.2 pp and classes agreeing on at least 99.5 %.
 """
 
 from __future__ import annotations
