@@ -85,7 +85,7 @@ def seed_route_answers(
                 reply = client.post("/api/v1/model/predict", files=files)
                 assert reply.status_code == 200, reply.text
                 answers.append(int(reply.json()["data"][0]["prediction"]))
-        assert "loaded the ONNX graph logged beside" in log.read_text()
+        assert "loaded model.onnx logged beside" in log.read_text()
         return answers
     finally:
         server_scope.close()
