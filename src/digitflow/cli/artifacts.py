@@ -240,7 +240,7 @@ def export_command(
         if check is None:
             return f"no {INT8_ONNX_FILENAME}: no prepared data in {data_dir}"
         failures = check.failures()
-        verdict = "kept" if not failures else "not kept: " + "; ".join(failures)
+        verdict = "kept" if not failures else "refused: " + "; ".join(failures)
         return (
             f"{INT8_ONNX_FILENAME} {verdict} (same class as float on {check.agreement:.2%} of "
             f"{check.images} held-out images, accuracy {check.int8_accuracy:.2%} vs "

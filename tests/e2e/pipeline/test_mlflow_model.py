@@ -155,7 +155,11 @@ def test_pyfunc_load_model_on_the_run_and_on_its_registered_alias_agrees_with_th
 
 @pytest.mark.usefixtures("tracking")
 def test_digitflow_export_turns_a_run_with_only_the_checkpoint_into_an_mlflow_model(
-    logged_run: LoggedRun, batch: np.ndarray, seed_route_answers: list[int], tmp_path: Path
+    logged_run: LoggedRun,
+    batch: np.ndarray,
+    seed_route_answers: list[int],
+    tmp_path: Path,
+    data_dir: Path,
 ) -> None:
     bare = tmp_path / "model"
     bare.mkdir()
@@ -170,7 +174,10 @@ def test_digitflow_export_turns_a_run_with_only_the_checkpoint_into_an_mlflow_mo
     assert "model/MLmodel" not in before
 
     result = subprocess.run(
-        [DIGITFLOW, "export", f"runs:/{run_id}/model", "--tracking-uri", logged_run.tracking_uri],
+        [
+            *(DIGITFLOW, "export", f"runs:/{run_id}/model"),
+            *("--tracking-uri", logged_run.tracking_uri, "--data-dir", str(data_dir)),
+        ],
         capture_output=True,
         text=True,
         timeout=300,
@@ -179,6 +186,10 @@ def test_digitflow_export_turns_a_run_with_only_the_checkpoint_into_an_mlflow_mo
     assert result.returncode == 0, result.stderr
     after = {item.path for item in client.list_artifacts(run_id, "model")}
     assert after >= before | {"model/MLmodel", "model/model.onnx"}
-    assert client.get_run(run_id).data.tags[ONNX_TAG] in result.stdout
+    tags = client.get_run(run_id).data.tags
+    assert tags[ONNX_TAG] in result.stdout
+    # The int8 graph was judged on the data: logged when kept, absent when refused, said so.
+    assert f"model.int8.onnx {tags['digitflow.int8']}" in result.stdout
+    assert ("model/model.int8.onnx" in after) == (tags["digitflow.int8"] == "kept")
     loaded = mlflow.pyfunc.load_model(f"runs:/{run_id}/model").predict(batch)
     assert loaded["log_probabilities"].argmax(1).tolist() == seed_route_answers
