@@ -1,6 +1,6 @@
 """Where a digitflow worker's CPU goes under load: py-spy on every worker while wrk drives them.
 
-    python -m benchmarks.profile [--checkpoint PATH] [--seconds 12]
+    python -m benchmarks.profile [--checkpoint PATH] [--seconds 12] [--server digitflow-int8]
 
 Starts digitflow the recommended way (2 workers, one thread each, ONNX Runtime), then for each
 load (`--loads`, default c=64 with one PNG per request and c=16 with 64) runs wrk and, meanwhile,
@@ -94,6 +94,7 @@ def main() -> None:
     parser.add_argument("--checkpoint", type=Path, help="model.pt (default: the default model)")
     parser.add_argument("--data", type=Path, default=paths.DEFAULT_DATA_DIR)
     parser.add_argument("--seconds", type=float, default=12.0)
+    parser.add_argument("--server", default="digitflow", help="e.g. digitflow-int8")
     parser.add_argument(
         "--loads", default="64x1,16x64", help="connections x images per request, comma-separated"
     )
@@ -105,7 +106,7 @@ def main() -> None:
     samples = load_samples(args.data)
     out_dir = RESULTS_DIR / f"profile-{time.strftime('%Y%m%dT%H%M%S')}"
     out_dir.mkdir(parents=True)
-    spec = server_specs(checkpoint)["digitflow"]
+    spec = server_specs(checkpoint)[args.server]
     with tempfile.TemporaryDirectory(prefix="digitflow-profile-") as tmp:
         bodies = {
             per_request: http_load.write_bodies(
