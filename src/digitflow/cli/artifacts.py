@@ -233,16 +233,22 @@ def export_command(
     --data-dir holds the prepared PNGs, the int8 graph is calibrated on training images and
     kept as model.int8.onnx if it answers like the float graph on the held-out ones.
     """
-    from digitflow.training.mlflow_model import Export, export_checkpoint, export_run
+    from digitflow.training.mlflow_model import (
+        Export,
+        export_checkpoint,
+        export_run,
+        int8_verdict,
+    )
 
     def int8_line(export: Export) -> str:
         check = export.int8_check
         if check is None:
             return f"no {INT8_ONNX_FILENAME}: no prepared data in {data_dir}"
         failures = check.failures()
-        verdict = "kept" if not failures else "refused: " + "; ".join(failures)
+        reasons = f": {'; '.join(failures)}" if failures else ""
         return (
-            f"{INT8_ONNX_FILENAME} {verdict} (same class as float on {check.agreement:.2%} of "
+            f"{INT8_ONNX_FILENAME} {int8_verdict(check)}{reasons} (same class as float on "
+            f"{check.agreement:.2%} of "
             f"{check.images} held-out images, accuracy {check.int8_accuracy:.2%} vs "
             f"{check.float_accuracy:.2%})"
         )
