@@ -10,6 +10,7 @@ dozen segments, so the walk costs microseconds.
 from __future__ import annotations
 
 import struct
+from collections.abc import Iterator
 from typing import Final
 
 from digitflow.errors import ImageTooLarge
@@ -27,17 +28,24 @@ def _too_many(fmt: str, what: str, limit: int) -> ImageTooLarge:
     return ImageTooLarge(f"the {fmt} file holds more than {limit} {what}; the limit is {limit}")
 
 
-def check_png(data: bytes, max_segments: int) -> None:
-    """Refuse a PNG with more than `max_segments` chunks (IDAT included) up to IEND."""
-    pos, count, end = 8, 0, len(data)
+def png_chunks(data: bytes) -> Iterator[tuple[bytes, int, int]]:
+    """Each chunk's type and the start and end of its data (its CRC follows), from after the
+    signature through IEND, while a chunk header fits in `data`; the end is as declared, not
+    checked against the file's."""
+    pos, end = 8, len(data)
     while pos + 8 <= end:
         length, kind = _PNG_CHUNK.unpack_from(data, pos)
-        count += 1
-        if count > max_segments:
-            raise _too_many("PNG", "chunks", max_segments)
+        yield kind, pos + 8, pos + 8 + length
         if kind == b"IEND":
             return
         pos += 12 + length
+
+
+def check_png(data: bytes, max_segments: int) -> None:
+    """Refuse a PNG with more than `max_segments` chunks (IDAT included) up to IEND."""
+    for count, _ in enumerate(png_chunks(data), start=1):
+        if count > max_segments:
+            raise _too_many("PNG", "chunks", max_segments)
 
 
 def check_jpeg(data: bytes, max_segments: int) -> None:

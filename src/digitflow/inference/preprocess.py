@@ -33,6 +33,7 @@ from digitflow.inference.image_structure import (
     check_jpeg,
     check_png,
     count_gif_frames,
+    png_chunks,
 )
 from digitflow.inference.limits import (
     DEFAULT_MAX_COMPONENTS,
@@ -264,24 +265,17 @@ def _is_plain_mnist_png(data: bytes) -> bool:
     (it would print one line on stderr per faulty upload)."""
     if data[8:29] != _MNIST_IHDR or not data.startswith(PNG_SIGNATURE):
         return False
-    offset, end, idat = 8, len(data), []
-    for _ in range(_MAX_PLAIN_PNG_CHUNKS):
-        if offset + 12 > end:
+    idat = []
+    for count, (kind, start, body_end) in enumerate(png_chunks(data), start=1):
+        if count > _MAX_PLAIN_PNG_CHUNKS or kind not in _PLAIN_PNG_CHUNKS:
             return False
-        length = int.from_bytes(data[offset : offset + 4], "big")
-        kind = data[offset + 4 : offset + 8]
-        body_end = offset + 8 + length
-        if kind not in _PLAIN_PNG_CHUNKS or body_end + 4 > end:
-            return False
-        if zlib.crc32(data[offset + 4 : body_end]) != int.from_bytes(
-            data[body_end : body_end + 4], "big"
-        ):
+        crc = data[body_end : body_end + 4]
+        if len(crc) < 4 or zlib.crc32(data[start - 4 : body_end]) != int.from_bytes(crc, "big"):
             return False
         if kind == b"IDAT":
-            idat.append(data[offset + 8 : body_end])
-        offset = body_end + 4
-        if kind == b"IEND":
-            return offset == end and _plain_rows(b"".join(idat))
+            idat.append(data[start:body_end])
+        elif kind == b"IEND":
+            return body_end + 4 == len(data) and _plain_rows(b"".join(idat))
     return False
 
 
