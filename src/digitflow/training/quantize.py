@@ -168,8 +168,9 @@ def classes(graph: bytes, images: FloatImages) -> Labels:
 def check_int8(float_graph: bytes, int8_graph: bytes, data: CheckImages) -> Int8Check:
     """Compare the two graphs on the held-out split and the golden images."""
     reference = classes(float_graph, data.held_out)
-    predicted = classes(int8_graph, data.held_out)
-    golden = classes(int8_graph, data.golden)
+    # One int8 session for both sets: the held-out images, then the golden ones.
+    both = classes(int8_graph, np.concatenate([data.held_out, data.golden]))
+    predicted, golden = both[: len(data.held_out)], both[len(data.held_out) :]
     return Int8Check(
         images=len(data.held_out),
         agreement=float(np.mean(predicted == reference)) if len(reference) else 0.0,
