@@ -186,6 +186,7 @@ def build_lifespan(
             on_wait=metrics.METRICS.observe_queue_wait,
             inline_max_images=conf.INLINE_FORWARD_MAX_IMAGES,
             alone=lambda: open_connections() == 1,
+            forward_on_loop=conf.FORWARD_ON_EVENT_LOOP and not (conf.USE_CUDA or conf.USE_MPS),
         )
         await batcher.start()
         app.state.service = ModelService(batcher=batcher, model_uuid=readiness.model_uuid or "")

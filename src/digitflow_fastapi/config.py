@@ -168,6 +168,13 @@ class Settings(ModelSettings):
         "holds, with the batcher idle, runs its forward pass on the event loop, skipping two "
         "thread hand-offs (c=1 latency); 0: always hand off to the inference thread.",
     )
+    FORWARD_ON_EVENT_LOOP: bool = Field(
+        default=True,
+        description="Run batched forward passes on the worker's event loop instead of a separate "
+        "inference thread (CPU only; with `USE_CUDA` or `USE_MPS` the thread is kept): with one "
+        "inference thread per worker and a worker per core the thread overlaps nothing and its "
+        "hand-offs cost CPU and tail latency (measured in `benchmarks/README.md`).",
+    )
     MAX_QUEUED_IMAGES_PER_WORKER: PositiveInt = Field(
         default=4096,
         description="Images waiting in a worker's batch queue; a request that does not fit gets "

@@ -132,7 +132,7 @@ class ImageDecoder:
                 inputs.append(await self._decode_one(blob, cost, inline))
             except InvalidImage as exc:
                 raise RequestError(status_for(exc), f"{label_of(index)}: {exc}") from exc
-        return np.stack(inputs)
+        return inputs[0][np.newaxis] if len(inputs) == 1 else np.stack(inputs)
 
     async def _probe(self, blobs: Sequence[bytes]) -> list[int | InvalidImage]:
         """Each image's decode cost or refusal: PNG headers and the first `inline_bytes` of

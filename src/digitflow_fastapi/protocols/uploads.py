@@ -41,13 +41,27 @@ _MAX_FAST_HEADER_LINE: Final = 1024
 _FIELD_NAME = re.compile(rb"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
 
 
+# What every client sends: no escapes, no `;` or quote inside a value, single spaces. For these
+# the match gives python-multipart's values (a differential test holds it to that).
+_PLAIN_DISPOSITION = re.compile(rb'form-data; name="([^"\\;]*)"(?:; filename="([^"\\;]*)")?')
+
+
+def disposition_names(value: bytes) -> tuple[bytes, bytes | None]:
+    """The `name` and `filename` of a Content-Disposition value, as python-multipart reads
+    them; the plain form by one regex match (~1 µs), anything else by its parser (~8 µs)."""
+    plain = _PLAIN_DISPOSITION.fullmatch(value)
+    if plain is not None:
+        return plain.group(1), plain.group(2)
+    _, options = parse_options_header(value)
+    return options.get(b"name", b""), options.get(b"filename")
+
+
 def _new_part(headers: Mapping[bytes, bytes], parts: list[Part], max_parts: int) -> Part:
     """The part its headers describe, appended to `parts`; 413 past `max_parts`."""
     if len(parts) >= max_parts:
         raise RequestError(413, f"too many form parts: at most {max_parts} files per request")
-    _, options = parse_options_header(headers.get(b"content-disposition", b""))
-    name = options.get(b"name", b"").decode("utf-8", "replace")
-    raw_filename = options.get(b"filename")
+    raw_name, raw_filename = disposition_names(headers.get(b"content-disposition", b""))
+    name = raw_name.decode("utf-8", "replace")
     filename = raw_filename.decode("utf-8", "replace") if raw_filename is not None else None
     part = Part(name=name, filename=filename)
     parts.append(part)

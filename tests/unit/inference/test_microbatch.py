@@ -262,3 +262,48 @@ def test_a_small_request_queues_behind_a_running_forward_pass_instead_of_running
     asyncio.run(run())
     assert recorder.sizes == [9, 2]  # the two small ones were batched after it, not run inline
     assert all(name.startswith("digitflow-infer") for name in recorder.threads)
+
+
+def test_forward_on_loop_batches_on_the_event_loop_with_no_inference_thread(
+    recorder: Recorder,
+) -> None:
+    requests = [_images(1 + i % 3, i) for i in range(12)]
+    expected = [[p.label for p in recorder.inner.predict(r)] for r in requests]
+
+    async def late(batcher: MicroBatcher, images: npt.NDArray[np.float32]) -> list[Prediction]:
+        await asyncio.sleep(0)  # arrives one turn of the loop after the first request
+        return await batcher.predict(images)
+
+    async def run() -> tuple[list[list[Prediction]], list[str]]:
+        batcher = MicroBatcher(recorder, max_batch_size=64, forward_on_loop=True)  # type: ignore[arg-type]
+        await batcher.start()
+        first = asyncio.create_task(batcher.predict(requests[0]))
+        rest = [asyncio.create_task(late(batcher, r)) for r in requests[1:]]
+        answers = await asyncio.gather(first, *rest)
+        names = [t.name for t in threading.enumerate()]
+        await batcher.stop()
+        return answers, names
+
+    answers, threads = asyncio.run(run())
+    loop_thread = threading.current_thread().name
+    assert recorder.threads == [loop_thread] * len(recorder.threads)
+    assert not any(name.startswith("digitflow-infer") for name in threads)
+    assert recorder.sizes == [sum(len(r) for r in requests)]  # the late ones joined the batch
+    assert [[p.label for p in a] for a in answers] == expected
+
+
+def test_forward_on_loop_gives_a_failing_batch_s_error_to_each_caller(recorder: Recorder) -> None:
+    recorder.fail_on = 5
+
+    async def run() -> list[list[Prediction] | BaseException]:
+        batcher = MicroBatcher(recorder, max_batch_size=64, forward_on_loop=True)  # type: ignore[arg-type]
+        await batcher.start()
+        tasks = [batcher.predict(_images(2, 0)), batcher.predict(_images(3, 1))]
+        out = await asyncio.gather(*tasks, return_exceptions=True)
+        after = await batcher.predict(_images(1, 2))  # the loop survives the failure
+        await batcher.stop()
+        return [*out, after]
+
+    first, second, after = asyncio.run(run())
+    assert isinstance(first, RuntimeError) and isinstance(second, RuntimeError)
+    assert isinstance(after, list) and len(after) == 1

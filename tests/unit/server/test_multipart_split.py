@@ -13,9 +13,16 @@ from benchmarks.http_load import BOUNDARY, multipart_body
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from python_multipart.exceptions import MultipartParseError
+from python_multipart.multipart import parse_options_header
 
 from digitflow_fastapi.errors import RequestError
-from digitflow_fastapi.protocols.uploads import _Parser, read_multipart, split_plain_body
+from digitflow_fastapi.protocols.uploads import (
+    _PLAIN_DISPOSITION,
+    _Parser,
+    disposition_names,
+    read_multipart,
+    split_plain_body,
+)
 
 TOKEN = "abcXYZ019'-_.+"
 MAX_PARTS = 3
@@ -139,3 +146,52 @@ def test_a_body_past_the_whole_body_size_is_parsed_as_it_streams() -> None:
     content_type = f"multipart/form-data; boundary={boundary.decode()}"
     parts = asyncio.run(read_multipart(content_type, stream(), 4 << 20, MAX_PARTS))
     assert [(p.name, p.filename, p.data) for p in parts] == [("image_file", "big.png", big)]
+
+
+def multipart_names(value: bytes) -> tuple[bytes, bytes | None]:
+    """`name` and `filename` as python-multipart's own header parser reads them."""
+    _, options = parse_options_header(value)
+    return options.get(b"name", b""), options.get(b"filename")
+
+
+VALUE_CHARS = st.sampled_from(list('ab7 ._-"\\;=*:\t') + ["é", "%22"])
+NAMES = st.lists(VALUE_CHARS, max_size=8).map("".join)
+
+
+@st.composite
+def dispositions(draw: st.DrawFn) -> bytes:
+    """Content-Disposition values: the plain form clients send, and variations of it (spacing,
+    case, escapes, RFC 2231 keys, IE paths, `;` in quotes, order, missing parts)."""
+    name, filename = draw(NAMES), draw(NAMES)
+    key_case = draw(st.sampled_from(["name", "Name", "NAME"]))
+    filename_key = draw(st.sampled_from(["filename", "FileName", "filename*"]))
+    gap = draw(st.sampled_from(["; ", ";", ";  ", " ; ", ";\t"]))
+    head = draw(st.sampled_from(["form-data", "Form-Data", "attachment"]))
+    quoted = draw(st.booleans())
+    value = f'"{filename}"' if quoted else filename
+    parts = [f'{key_case}="{name}"']
+    if draw(st.booleans()):
+        parts.append(f"{filename_key}={value}")
+    if draw(st.booleans()):
+        parts.reverse()
+    return (head + gap + gap.join(parts)).encode("utf-8")
+
+
+@settings(max_examples=600, deadline=None)
+@given(dispositions())
+def test_content_disposition_names_agree_with_python_multipart(value: bytes) -> None:
+    assert disposition_names(value) == multipart_names(value)
+
+
+@pytest.mark.parametrize(
+    "value",
+    [
+        b'form-data; name="image_file"; filename="0_7.png"',
+        b'form-data; name="image_file"; filename=""',
+        b'form-data; name="note"',
+        b'form-data; name="image_file"; filename="digit \xc3\xa9 7.png"',
+    ],
+)
+def test_what_clients_send_takes_the_one_match_path(value: bytes) -> None:
+    assert _PLAIN_DISPOSITION.fullmatch(value) is not None
+    assert disposition_names(value) == multipart_names(value)
