@@ -100,9 +100,7 @@ class MicroBatcher:
             return
         self._queue = asyncio.Queue()
         if not self.forward_on_loop:
-            self._executor = ThreadPoolExecutor(
-                max_workers=1, thread_name_prefix="digitflow-infer"
-            )
+            self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="digitflow-infer")
         self._task = asyncio.create_task(self._loop(), name="digitflow-microbatch")
 
     async def stop(self) -> None:
