@@ -89,7 +89,7 @@ class MicroBatcher:
         self.inline_max_images = inline_max_images
         self.alone = alone
         self.forward_on_loop = forward_on_loop
-        self._running = 0  # forward passes started and not yet back
+        self._running = 0  # batches taken from the queue (or forward passes) not yet answered
         self._queue: asyncio.Queue[_Request | None] | None = None
         self._task: asyncio.Task[None] | None = None
         self._executor: ThreadPoolExecutor | None = None
@@ -164,10 +164,14 @@ class MicroBatcher:
             if first is None:
                 break
             self._taken(first)
-            if self.forward_on_loop:
-                await asyncio.sleep(0)  # let requests that arrived in this turn join the batch
-            batch, stopping = await self._gather(first)
-            await self._run(batch)
+            self._running += 1  # taken: the idle fast path must not overtake it
+            try:
+                if self.forward_on_loop:
+                    await asyncio.sleep(0)  # requests that arrived in this turn join the batch
+                batch, stopping = await self._gather(first)
+                await self._run(batch)
+            finally:
+                self._running -= 1
             if stopping:
                 break
         # Drain anything left after the stop marker.

@@ -307,3 +307,25 @@ def test_forward_on_loop_gives_a_failing_batch_s_error_to_each_caller(recorder: 
     first, second, after = asyncio.run(run())
     assert isinstance(first, RuntimeError) and isinstance(second, RuntimeError)
     assert isinstance(after, list) and len(after) == 1
+
+
+def test_a_request_taken_from_the_queue_is_not_overtaken_by_the_idle_fast_path(
+    recorder: Recorder,
+) -> None:
+    async def late_single(batcher: MicroBatcher) -> list[Prediction]:
+        await asyncio.sleep(0)  # arrives while the batching task holds the first request
+        return await batcher.predict(_images(1, 1))
+
+    async def run() -> None:
+        batcher = MicroBatcher(
+            recorder,  # type: ignore[arg-type]
+            max_batch_size=64,
+            inline_max_images=1,
+            forward_on_loop=True,
+        )
+        await batcher.start()
+        await asyncio.gather(batcher.predict(_images(2, 0)), late_single(batcher))
+        await batcher.stop()
+
+    asyncio.run(run())
+    assert recorder.sizes == [3]  # one batch, in arrival order; not [1, 2]
