@@ -194,10 +194,11 @@ def ray_ratios(rows: list[dict[str, Any]]) -> list[str]:
 
 def ceiling_shares(rows: list[dict[str, Any]], ceilings: dict[str, float]) -> list[str]:
     """Each digitflow run's images/s as a share of the in-process ceiling of the same run, on
-    the same graph (`digitflow-int8` against the int8 ceiling, the others the float one)."""
+    the same graph (`digitflow-int8[-before]` against the int8 ceiling, the others the float
+    one)."""
     lines = []
     for r in rows:
-        engine = "onnx-int8" if r["server"].endswith("int8") else "onnx"
+        engine = "onnx-int8" if "int8" in r["server"] else "onnx"
         if r["server"].startswith("digitflow") and ceilings.get(engine, 0) > 0:
             lines.append(
                 f"{r['server']} at c={r['connections']}, {r['images_per_request']} img/req: "
@@ -222,8 +223,8 @@ def main() -> None:
         "--before-src",
         type=Path,
         help="the src/ of another checkout (e.g. a git worktree of the previous commit): adds "
-        "server 'digitflow-before', served as 'digitflow' but from that code, for a before/after "
-        "in one run",
+        "servers 'digitflow-before' and 'digitflow-int8-before', served as 'digitflow' and "
+        "'digitflow-int8' but from that code, for a before/after in one run",
     )
     args = parser.parse_args()
 
@@ -254,16 +255,17 @@ def main() -> None:
 
     specs = server_specs(checkpoint)
     if args.before_src:
-        current = specs["digitflow"]
         src = str(args.before_src.resolve())
-        specs["digitflow-before"] = http_load.ServerSpec(
-            "digitflow-before",
-            current.app,
-            current.workers,
-            current.worker_class,
-            Path(src),
-            {**current.env, "PYTHONPATH": src},
-        )
+        for name in ("digitflow", "digitflow-int8"):
+            current = specs[name]
+            specs[f"{name}-before"] = http_load.ServerSpec(
+                f"{name}-before",
+                current.app,
+                current.workers,
+                current.worker_class,
+                Path(src),
+                {**current.env, "PYTHONPATH": src},
+            )
     connections = [int(c) for c in args.connections.split(",")]
     rows: list[dict[str, Any]] = []
     with tempfile.TemporaryDirectory(prefix="digitflow-bench-") as tmp:
