@@ -165,8 +165,9 @@ class Settings(ModelSettings):
     INLINE_FORWARD_MAX_IMAGES: NonNegativeInt = Field(
         default=1,
         description="A request of at most this many images, on the only connection its worker "
-        "holds, with the batcher idle, runs its forward pass on the event loop, skipping two "
-        "thread hand-offs (c=1 latency); 0: always hand off to the inference thread.",
+        "holds, with the batcher idle, runs its forward pass at once on the event loop, skipping "
+        "the batch queue (and, with `FORWARD_ON_EVENT_LOOP` off, two thread hand-offs): c=1 "
+        "latency; 0: always through the queue.",
     )
     FORWARD_ON_EVENT_LOOP: bool = Field(
         default=True,
