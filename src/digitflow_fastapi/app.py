@@ -54,6 +54,15 @@ logger = logging.getLogger(__name__)
 Lifespan = Callable[[FastAPI], AbstractAsyncContextManager[None]]
 
 
+def forward_on_event_loop(conf: Settings) -> bool:
+    """Whether this worker runs its forward passes on its event loop (`FORWARD_ON_EVENT_LOOP`):
+    only on a CPU with one inference thread per worker, where the thread was measured to cost
+    more than it overlaps; a GPU or several threads keep the inference thread."""
+    on_cpu = not (conf.USE_CUDA or conf.USE_MPS)
+    single = worker_threads(conf.TORCH_THREADS, conf.WEB_CONCURRENCY) == 1
+    return conf.FORWARD_ON_EVENT_LOOP and on_cpu and single
+
+
 def load_served_classifier(
     settings: Settings, served: ServedModel
 ) -> tuple[Classifier, SelfTestReport]:
@@ -186,7 +195,7 @@ def build_lifespan(
             on_wait=metrics.METRICS.observe_queue_wait,
             inline_max_images=conf.INLINE_FORWARD_MAX_IMAGES,
             alone=lambda: open_connections() == 1,
-            forward_on_loop=conf.FORWARD_ON_EVENT_LOOP and not (conf.USE_CUDA or conf.USE_MPS),
+            forward_on_loop=forward_on_event_loop(conf),
         )
         await batcher.start()
         app.state.service = ModelService(batcher=batcher, model_uuid=readiness.model_uuid or "")

@@ -172,9 +172,10 @@ class Settings(ModelSettings):
     FORWARD_ON_EVENT_LOOP: bool = Field(
         default=True,
         description="Run batched forward passes on the worker's event loop instead of a separate "
-        "inference thread (CPU only; with `USE_CUDA` or `USE_MPS` the thread is kept): with one "
-        "inference thread per worker and a worker per core the thread overlaps nothing and its "
-        "hand-offs cost CPU and tail latency (measured in `benchmarks/README.md`).",
+        "inference thread, when the worker runs on a CPU with one inference thread (a worker per "
+        "core, as `digitflow serve` and the seed's gunicorn command give); there the thread "
+        "overlaps nothing and its hand-offs cost CPU and tail latency (measured in "
+        "`benchmarks/README.md`). With `USE_CUDA`, `USE_MPS` or several threads the thread is kept.",
     )
     MAX_QUEUED_IMAGES_PER_WORKER: PositiveInt = Field(
         default=4096,
