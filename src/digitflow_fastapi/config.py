@@ -175,7 +175,8 @@ class Settings(ModelSettings):
         "inference thread, when the worker runs on a CPU with one inference thread (a worker per "
         "core, as `digitflow serve` and the seed's gunicorn command give); there the thread "
         "overlaps nothing and its hand-offs cost CPU and tail latency (measured in "
-        "`benchmarks/README.md`). With `USE_CUDA`, `USE_MPS` or several threads the thread is kept.",
+        "`benchmarks/README.md`). With `USE_CUDA`, `USE_MPS` or several threads the thread is "
+        "kept.",
     )
     MAX_QUEUED_IMAGES_PER_WORKER: PositiveInt = Field(
         default=4096,
