@@ -202,9 +202,10 @@ def build_lifespan(
         app.state.readiness = readiness
         metrics.METRICS.model.uuid = readiness.model_uuid or ""
         logger.info(
-            "model ready on %s (%d golden images checked)",
+            "model ready on %s (%d golden images checked), forward passes on %s",
             readiness.engine,
             readiness.golden_checked or 0,
+            "the event loop" if batcher.forward_on_loop else "an inference thread",
         )
         _freeze_start_up_objects()
         folder = handoff.DIGITFLOW_METRICS_DIR
