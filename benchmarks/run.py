@@ -1,7 +1,7 @@
 """`make bench`: the seed's reference design and digitflow, side by side, in one run.
 
     python -m benchmarks.run [--checkpoint PATH] [--seconds 15] [--warmup 3]
-                             [--servers baseline,digitflow,digitflow-int8,digitflow-seed-cmd,ray]
+                             [--servers baseline,digitflow,digitflow-int8,python-floor,...,ray]
 
 1. In-process limits per backend, and the ceilings (float and int8 graph): decode + preprocess +
    forward in as many processes as digitflow has workers (see `benchmarks.inprocess`).
@@ -15,7 +15,9 @@ Servers: `baseline` is `benchmarks/baseline_app.py` served the seed's way (`-w 4
 `uvicorn.workers.UvicornWorker`); `digitflow` is served the recommended way (2 workers, one
 thread each, ONNX Runtime); `digitflow-int8` the same on the run's int8 graph
 (`INFERENCE_BACKEND=onnx-int8`); `digitflow-seed-cmd` is digitflow under the seed's own command;
-`ray` is `digitflow serve --engine ray` (one replica per digitflow worker, local cluster).
+`ray` is `digitflow serve --engine ray` (one replica per digitflow worker, local cluster);
+`python-floor[-int8]` is `benchmarks/floor_app.py`, the least a Python ASGI predict can do
+under the same command (no edge, no guard, no metrics): what any Python server reaches here.
 Run it on an otherwise idle machine; the numbers are only comparable within one run.
 """
 
@@ -40,6 +42,7 @@ from digitflow import paths
 RESULTS_DIR = Path(__file__).with_name("results")
 RAY = "ray"  # `digitflow serve --engine ray` on a local cluster, one replica per core
 SEED_WORKER = "uvicorn.workers.UvicornWorker"
+FLOOR = "python-floor"  # benchmarks/floor_app.py: no features, the same decode, batcher, graph
 
 
 def server_specs(checkpoint: Path) -> dict[str, http_load.ServerSpec]:
@@ -78,6 +81,17 @@ def server_specs(checkpoint: Path) -> dict[str, http_load.ServerSpec]:
             paths.PACKAGE_DIR.parent,
             {**model_env, "INFERENCE_BACKEND": "onnx", "REQUEST_LOG": "true"},
         ),
+        **{
+            name: http_load.ServerSpec(
+                name,
+                "benchmarks.floor_app:APP",
+                2,
+                "uvicorn_worker.UvicornWorker",
+                paths.PROJECT_ROOT,
+                {**model_env, "INFERENCE_BACKEND": backend},
+            )
+            for name, backend in ((FLOOR, "onnx"), (f"{FLOOR}-int8", "onnx-int8"))
+        },
         "digitflow-seed-cmd": http_load.ServerSpec(
             "digitflow-seed-cmd",
             "digitflow_fastapi.main:APP",
@@ -193,13 +207,13 @@ def ray_ratios(rows: list[dict[str, Any]]) -> list[str]:
 
 
 def ceiling_shares(rows: list[dict[str, Any]], ceilings: dict[str, float]) -> list[str]:
-    """Each digitflow run's images/s as a share of the in-process ceiling of the same run, on
-    the same graph (`digitflow-int8[-before]` against the int8 ceiling, the others the float
-    one)."""
+    """Each digitflow (and floor) run's images/s as a share of the in-process ceiling of the
+    same run, on the same graph (`digitflow-int8[-before]` and `python-floor-int8` against the
+    int8 ceiling, the others the float one)."""
     lines = []
     for r in rows:
         engine = "onnx-int8" if "int8" in r["server"] else "onnx"
-        if r["server"].startswith("digitflow") and ceilings.get(engine, 0) > 0:
+        if r["server"].startswith(("digitflow", FLOOR)) and ceilings.get(engine, 0) > 0:
             lines.append(
                 f"{r['server']} at c={r['connections']}, {r['images_per_request']} img/req: "
                 f"{r['images_per_s'] / ceilings[engine]:.0%} of the {engine} in-process ceiling"
@@ -216,7 +230,8 @@ def main() -> None:
     parser.add_argument("--inprocess-seconds", type=float, default=3.0)
     parser.add_argument("--connections", default="1,16,64")
     parser.add_argument(
-        "--servers", default=f"baseline,digitflow,digitflow-int8,digitflow-seed-cmd,{RAY}"
+        "--servers",
+        default=f"baseline,digitflow,digitflow-int8,{FLOOR},{FLOOR}-int8,digitflow-seed-cmd,{RAY}",
     )
     parser.add_argument("--skip-inprocess", action="store_true")
     parser.add_argument(
