@@ -7,7 +7,7 @@ wrk), `bytes_to_input`, the project's `MicroBatcher` with the forward pass on th
 and an orjson answer in the seed's shape. No edge (keys, rate limit, caps, request ids, logs),
 no connection guard, no metrics, no error answers, no FastAPI.
 
-Its share of the ceiling is what any Python server under the seed's command can reach on this
+Its gap to the ceiling is what uvicorn, per-request Python and the sockets cost on this
 machine; digitflow's distance from it is the cost of its features. Served from the repository
 root (`PRED_MODEL_PATH`, optional `INFERENCE_BACKEND`: `onnx` or `onnx-int8`):
 
