@@ -18,7 +18,8 @@ thread each, ONNX Runtime); `digitflow-int8` the same on the run's int8 graph
 (`INFERENCE_BACKEND=onnx-int8`); `digitflow-seed-cmd` is digitflow under the seed's own command;
 `ray` is `digitflow serve --engine ray` (one replica per digitflow worker, local cluster);
 `python-floor[-int8]` is `benchmarks/floor_app.py`, the least a Python ASGI predict can do
-under the same command (no edge, no guard, no metrics): what any Python server reaches here.
+under the same command (no edge, no guard, no metrics): digitflow's distance from it is what its
+own per-request work costs.
 Run it on an otherwise idle machine; the numbers are only comparable within one run.
 """
 
