@@ -159,7 +159,8 @@ def start_server(spec: ServerSpec, log_dir: Path, probe_body: Path) -> ServerPro
 def run_wrk(
     url: str, body_dir: Path, connections: int, seconds: float, threads: int = 1
 ) -> dict[str, float]:
-    """Run wrk once and return its JSON summary (latencies in µs)."""
+    """Run wrk once and return its JSON summary (latencies in µs), with the CPU seconds wrk
+    itself used (`client_cpu_s`): it shares the machine's cores with the server."""
     wrk = shutil.which("wrk")
     if wrk is None:
         raise SystemExit("wrk not found: apt-get install -y wrk")
@@ -176,10 +177,17 @@ def run_wrk(
         "--",
         str(body_dir),
     ]
-    out = subprocess.run(command, capture_output=True, text=True, check=True).stdout
+    with subprocess.Popen(command, stdout=subprocess.PIPE, text=True) as process:
+        assert process.stdout is not None
+        out = process.stdout.read()
+        _, status, usage = os.wait4(process.pid, 0)  # wrk's own rusage, not other children's
+        process.returncode = os.waitstatus_to_exitcode(status)
+    if process.returncode != 0:
+        raise subprocess.CalledProcessError(process.returncode, command, out)
     for line in out.splitlines():
         if line.startswith("WRK_JSON "):
             result: dict[str, float] = json.loads(line.removeprefix("WRK_JSON "))
+            result["client_cpu_s"] = usage.ru_utime + usage.ru_stime
             return result
     raise RuntimeError(f"wrk printed no summary:\n{out}")
 
@@ -214,5 +222,6 @@ def measure(
         "errors": errors + result["unparsed"],
         "accuracy": result["correct"] / answers if answers else 0.0,
         "server_cpu_cores": cpu,
+        "client_cpu_cores": result["client_cpu_s"] / elapsed,
         **memory_mib(process_tree(server.pid)),
     }

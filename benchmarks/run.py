@@ -153,14 +153,15 @@ def format_row(r: dict[str, Any]) -> str:
         f"| {r['server']} (-w {r['workers']}) | {r['connections']} | {r['images_per_request']} "
         f"| {r['req_per_s']:,.0f} | {r['images_per_s']:,.0f} | {r['p50_ms']:.2f} "
         f"| {r['p99_ms']:.2f} | {r['errors']:.0f} | {r['accuracy']:.3f} "
-        f"| {r['server_cpu_cores']:.2f} | {r['rss_mib']:,.0f} / {r['pss_mib']:,.0f} |"
+        f"| {r['server_cpu_cores']:.2f} | {r.get('client_cpu_cores', 0.0):.2f} "
+        f"| {r['rss_mib']:,.0f} / {r['pss_mib']:,.0f} |"
     )
 
 
 HEADER = (
     "| server | c | images/req | req/s | images/s | p50 ms | p99 ms | errors | accuracy "
-    "| server CPU (cores) | RSS / PSS MiB |\n"
-    "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
+    "| server CPU (cores) | wrk CPU (cores) | RSS / PSS MiB |\n"
+    "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
 )
 
 
@@ -217,11 +218,14 @@ def ceiling_engine(server: str) -> str | None:
 
 def ceiling_shares(rows: list[dict[str, Any]]) -> list[str]:
     """Each digitflow (and floor) run's images/s as a share of the in-process ceiling measured
-    just before that server's runs, on the same graph (`ceiling_engine`)."""
+    just before that server's runs, on the same graph (`ceiling_engine`), and the share of the
+    machine wrk took meanwhile (the ceiling had every core to itself)."""
+    cores = os.cpu_count() or 1
     return [
         f"{r['server']} at c={r['connections']}, {r['images_per_request']} img/req: "
         f"{r['images_per_s'] / r['ceiling_images_per_s']:.0%} of the {r['ceiling_engine']} "
-        f"in-process ceiling ({r['ceiling_images_per_s']:,.0f} img/s)"
+        f"in-process ceiling ({r['ceiling_images_per_s']:,.0f} img/s); "
+        f"wrk took {r.get('client_cpu_cores', 0.0) / cores:.0%} of the {cores} cores"
         for r in rows
         if r.get("ceiling_images_per_s", 0) > 0
     ]
