@@ -141,11 +141,22 @@ def stop_worker_at_boot(message: str) -> NoReturn:
     os._exit(WORKER_BOOT_ERROR)
 
 
-def _freeze_start_up_objects() -> None:
-    """Keep the collector off everything loaded so far: it lives as long as the worker, and full
-    collections walking it under load cost ~100 ms p99 spikes."""
+# The collector's young-generation threshold once a worker serves. A worker with 32 requests in
+# flight holds ~1,000 newly tracked objects, so at CPython's 700 it collected every ~28 requests
+# (3.8 µs a request in-process, measured with 32 concurrent predicts); at 2,000 those requests
+# finish first (2 collections in 36,000 requests). Cyclic garbage waits for 2,000 tracked
+# objects instead of 700.
+YOUNG_GENERATION_THRESHOLD = 2000
+
+
+def _tune_collector() -> None:
+    """Keep the collector off everything loaded so far (it lives as long as the worker, and full
+    collections walking it under load cost ~100 ms p99 spikes), and off the objects of the
+    requests in flight (`YOUNG_GENERATION_THRESHOLD`)."""
     gc.collect()
     gc.freeze()
+    young, middle, old = gc.get_threshold()
+    gc.set_threshold(max(young, YOUNG_GENERATION_THRESHOLD), middle, old)
 
 
 def _start_follower(
@@ -207,7 +218,7 @@ def build_lifespan(
             readiness.golden_checked or 0,
             "the event loop" if batcher.forward_on_loop else "an inference thread",
         )
-        _freeze_start_up_objects()
+        _tune_collector()
         folder = handoff.DIGITFLOW_METRICS_DIR
         publisher = asyncio.create_task(metrics.publish_forever(folder)) if folder else None
         follower = _start_follower(app, conf, handoff.DIGITFLOW_MODEL_STATE_DIR, readiness)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import io
 from collections.abc import Awaitable, Callable
 from typing import TypeVar
@@ -14,7 +15,7 @@ from PIL import Image
 
 from digitflow.inference.classifier import Classifier, Prediction
 from digitflow.training.net import Net
-from digitflow_fastapi.app import create_app
+from digitflow_fastapi.app import YOUNG_GENERATION_THRESHOLD, create_app
 from digitflow_fastapi.config import Settings
 
 PREDICT = "/api/v1/model/predict"
@@ -98,3 +99,18 @@ def test_under_a_route_prefix_as_ray_serve_passes_it_the_model_routes_still_need
     statuses = asyncio.run(run())
     assert statuses.pop("/health") == 200
     assert set(statuses.values()) == {401}, statuses
+
+
+def test_start_up_freezes_what_it_loaded_and_lets_requests_in_flight_finish_before_collecting() -> (
+    None
+):
+    saved = gc.get_threshold()
+    gc.unfreeze()
+    gc.set_threshold(700, 10, 10)  # CPython's defaults
+    try:
+        assert with_client(lambda c: c.get("/health")).status_code == 200
+        assert gc.get_freeze_count() > 0
+        assert gc.get_threshold() == (YOUNG_GENERATION_THRESHOLD, 10, 10)
+    finally:
+        gc.unfreeze()
+        gc.set_threshold(*saved)
