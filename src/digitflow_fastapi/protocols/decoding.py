@@ -10,7 +10,9 @@ budget), then:
 
 - a request whose images would fill more than `max_request_work_pixels` is refused (413);
 - small images (together ≤ `INLINE_WORK_PIXELS` and ≤ `inline_bytes`, e.g. 64 MNIST PNGs) are
-  decoded on the event loop: cheaper than a thread hop;
+  decoded on the event loop: cheaper than a thread hop. `decode_later` leaves a request made
+  only of those to its batch (`DeferredBatch`, see `MicroBatcher.predict_deferred`), checked
+  but not yet decoded;
 - the others in a worker thread, so the loop keeps answering;
 - a large one (> `LARGE_WORK_PIXELS`) also needs one of `large_slots` per worker: when all are
   taken the request gets 503 with `Retry-After` at once, which bounds the memory of concurrent
@@ -85,6 +87,15 @@ class DecodeLimits:
     max_components: int = DEFAULT_MAX_COMPONENTS
 
 
+@dataclass(frozen=True)
+class DeferredBatch:
+    """`count` checked images that `decode()` turns into N×28×28 float32 when their batch runs;
+    it raises `RequestError` naming the image that does not decode."""
+
+    count: int
+    decode: Callable[[], FloatBatch]
+
+
 class ImageDecoder:
     """One per worker: decodes a request's uploads within the limits, in order."""
 
@@ -101,6 +112,31 @@ class ImageDecoder:
         self, blobs: Sequence[bytes], label_of: Callable[[int], str]
     ) -> FloatBatch:
         """N×28×28 float32 inputs; a refusal names the image (`label_of(index)`)."""
+        return await self._decode_checked(blobs, await self._checked(blobs, label_of), label_of)
+
+    async def decode_later(
+        self, blobs: Sequence[bytes], label_of: Callable[[int], str]
+    ) -> DeferredBatch:
+        """The same checks as `decode_all` now; the decoding itself left to the batch when every
+        image would be decoded on the loop anyway, else done now."""
+        pixels = await self._checked(blobs, label_of)
+        if sum(pixels) <= INLINE_WORK_PIXELS and sum(map(len, blobs)) <= self.limits.inline_bytes:
+            return DeferredBatch(len(blobs), partial(self._decode_inline, blobs, label_of))
+        inputs = await self._decode_checked(blobs, pixels, label_of)
+        return DeferredBatch(len(inputs), lambda: inputs)
+
+    def _decode_inline(self, blobs: Sequence[bytes], label_of: Callable[[int], str]) -> FloatBatch:
+        limits = self.limits
+        inputs = []
+        for index, blob in enumerate(blobs):
+            try:
+                inputs.append(self._decode(blob, limits.max_pixels, limits.max_work_pixels))
+            except InvalidImage as exc:
+                raise RequestError(status_for(exc), f"{label_of(index)}: {exc}") from exc
+        return _stacked(inputs)
+
+    async def _checked(self, blobs: Sequence[bytes], label_of: Callable[[int], str]) -> list[int]:
+        """Each image's decode cost in pixels, after the per-image and per-request limits."""
         limits = self.limits
         costs = await self._probe(blobs)
         for index, cost in enumerate(costs):
@@ -122,6 +158,12 @@ class ImageDecoder:
                 f"the images of this request would decode to {total} pixels; the limit is "
                 f"{limits.max_request_work_pixels} (MAX_REQUEST_DECODE_PIXELS)",
             )
+        return pixels
+
+    async def _decode_checked(
+        self, blobs: Sequence[bytes], pixels: list[int], label_of: Callable[[int], str]
+    ) -> FloatBatch:
+        limits = self.limits
         inputs = []
         inline_pixels = inline_bytes = 0
         for index, (blob, cost) in enumerate(zip(blobs, pixels, strict=True)):
@@ -132,7 +174,7 @@ class ImageDecoder:
                 inputs.append(await self._decode_one(blob, cost, inline))
             except InvalidImage as exc:
                 raise RequestError(status_for(exc), f"{label_of(index)}: {exc}") from exc
-        return inputs[0][np.newaxis] if len(inputs) == 1 else np.stack(inputs)
+        return _stacked(inputs)
 
     async def _probe(self, blobs: Sequence[bytes]) -> list[int | InvalidImage]:
         """Each image's decode cost or refusal: PNG headers and the first `inline_bytes` of
@@ -171,3 +213,7 @@ class ImageDecoder:
             )
         finally:
             self._large_in_progress -= 1
+
+
+def _stacked(inputs: list[npt.NDArray[np.float32]]) -> FloatBatch:
+    return inputs[0][np.newaxis] if len(inputs) == 1 else np.stack(inputs)

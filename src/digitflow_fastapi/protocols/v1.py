@@ -129,21 +129,25 @@ async def answer_predict(
         found = f"; got {', '.join(repr(n[:40]) for n in names)}" if names else ""
         raise RequestError(422, f"missing form field {FIELD!r}{found}")
     decoder: ImageDecoder = request.app.state.decoder
-    inputs = await decoder.decode_all(
-        [bytes(part.data) for part in files],
-        lambda i: f"{FIELD} #{i + 1} ({(files[i].filename or '')[:100]!r})",
-    )
-    predictions = await predict_images(service, inputs)  # float32 already
+    blobs = [bytes(part.data) for part in files]
+
+    def label_of(i: int) -> str:
+        return f"{FIELD} #{i + 1} ({(files[i].filename or '')[:100]!r})"
+
+    # With `explain` the inputs are part of the answer: decoded here, not in the batch.
+    inputs = await decoder.decode_all(blobs, label_of) if explain else None
+    images = inputs if inputs is not None else await decoder.decode_later(blobs, label_of)
+    predictions = await predict_images(service, images)
     data: list[dict[str, Any]] = []
-    for part, pred, image in zip(files, predictions, inputs, strict=True):
+    for index, (part, pred) in enumerate(zip(files, predictions, strict=True)):
         item: dict[str, Any] = {
             "image_filename": part.filename or "",
             "prediction": str(pred.label),
         }
         if probabilities:
             item["probabilities"] = list(pred.probabilities)
-        if explain:
-            item["model_input"] = model_input_grid(image)
+        if inputs is not None:
+            item["model_input"] = model_input_grid(inputs[index])
         data.append(item)
     return OrjsonResponse({"data": data})
 

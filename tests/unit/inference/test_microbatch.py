@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
+from collections.abc import Callable
 
 import numpy as np
 import numpy.typing as npt
@@ -329,3 +330,65 @@ def test_a_request_taken_from_the_queue_is_not_overtaken_by_the_idle_fast_path(
 
     asyncio.run(run())
     assert recorder.sizes == [3]  # one batch, in arrival order; not [1, 2]
+
+
+def test_deferred_images_are_made_when_their_batch_runs_and_a_bad_one_fails_only_its_caller(
+    recorder: Recorder,
+) -> None:
+    requests = [_images(1 + i % 2, i) for i in range(6)]
+    expected = [[p.label for p in recorder.inner.predict(r)] for r in requests]
+    made: list[int] = []
+
+    def maker(index: int) -> Callable[[], npt.NDArray[np.float32]]:
+        def make() -> npt.NDArray[np.float32]:
+            made.append(index)
+            if index == 3:
+                raise ValueError("image 3 does not decode")
+            return requests[index]
+
+        return make
+
+    async def run() -> tuple[list[object], list[int], list[Prediction]]:
+        batcher = MicroBatcher(recorder, max_batch_size=64, forward_on_loop=True)  # type: ignore[arg-type]
+        await batcher.start()
+        tasks = [
+            asyncio.create_task(batcher.predict_deferred(len(r), maker(i)))
+            for i, r in enumerate(requests)
+        ]
+        await asyncio.sleep(0)  # all queued, none made yet
+        made_when_queued = list(made)
+        out = await asyncio.gather(*tasks, return_exceptions=True)
+        after = await batcher.predict(_images(1, 9))  # the loop goes on
+        await batcher.stop()
+        return out, made_when_queued, after
+
+    out, made_when_queued, after = asyncio.run(run())
+    assert made_when_queued == []
+    assert sorted(made) == list(range(6))
+    assert isinstance(out[3], ValueError)
+    for index, answer in enumerate(out):
+        if index != 3:
+            assert isinstance(answer, list)
+            assert [p.label for p in answer] == expected[index]
+    good = sum(len(r) for i, r in enumerate(requests) if i != 3)
+    assert recorder.sizes == [good, 1]  # one forward pass for the five good ones, then `after`
+    assert len(after) == 1
+
+
+def test_a_deferred_request_that_makes_another_count_of_images_than_it_promised_is_refused(
+    recorder: Recorder,
+) -> None:
+    async def run() -> list[object]:
+        batcher = MicroBatcher(recorder, max_batch_size=64, inline_max_images=1)  # type: ignore[arg-type]
+        await batcher.start()
+        out = await asyncio.gather(
+            batcher.predict_deferred(1, lambda: _images(2, 0)),  # idle fast path
+            batcher.predict_deferred(2, lambda: _images(1, 1)),  # queued
+            return_exceptions=True,
+        )
+        await batcher.stop()
+        return out
+
+    first, second = asyncio.run(run())
+    assert isinstance(first, ValueError) and isinstance(second, ValueError)
+    assert recorder.sizes == []  # neither reached the model

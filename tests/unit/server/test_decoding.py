@@ -177,3 +177,43 @@ def test_the_decode_limits_come_from_the_settings() -> None:
     assert limits.max_work_pixels == conf.MAX_DECODE_PIXELS
     with pytest.raises(RequestError, match="more than 7 chunks"):
         asyncio.run(ImageDecoder(limits).decode_all([png_chunk_flood(10)], lambda i: f"#{i}"))
+
+
+def test_decode_later_checks_now_and_leaves_small_images_to_the_batch() -> None:
+    threads: list[int] = []
+    decoder = _recording_decoder(threads)
+
+    deferred = asyncio.run(decoder.decode_later([png(28, 28)] * 3, lambda i: f"#{i}"))
+    assert deferred.count == 3 and threads == []  # checked, not decoded
+    assert deferred.decode().shape == (3, 28, 28) and len(threads) == 3
+
+    with pytest.raises(RequestError) as refused:  # the limits still answer before queueing
+        asyncio.run(decoder.decode_later([png(3200, 3200, "I;16")], lambda i: "big"))
+    assert refused.value.status_code == 413 and not threads[3:]
+
+
+def test_decode_later_decodes_now_what_the_loop_would_not_decode_inline() -> None:
+    threads: list[int] = []
+
+    async def run() -> int:
+        deferred = await _recording_decoder(threads).decode_later(
+            [png(28, 28), png(600, 600)], lambda i: f"#{i}"
+        )
+        assert len(threads) == 2  # already decoded, the big one in a thread
+        assert deferred.decode().shape == (2, 28, 28)
+        return threading.get_ident()
+
+    loop_thread = asyncio.run(run())
+    assert threads[0] == loop_thread and threads[1] != loop_thread and len(threads) == 2
+
+
+def test_a_deferred_image_that_does_not_decode_is_a_request_error_naming_it() -> None:
+    good = png(28, 28)
+    broken = good[:-20] + b"\x00" * 20  # a valid header, a damaged end
+    deferred = asyncio.run(
+        ImageDecoder(LIMITS).decode_later([good, broken], lambda i: f"image_file #{i + 1}")
+    )
+    with pytest.raises(RequestError) as refused:
+        deferred.decode()
+    assert refused.value.status_code in (400, 415, 422)
+    assert refused.value.detail.startswith("image_file #2")
