@@ -30,8 +30,9 @@ want the thread: the loop keeps reading while the device works.
 Deferred inputs: `predict_deferred` queues a callable instead of the array, and the batch calls
 it on the event loop right before its forward pass. A batch's PNGs are then decoded in a row,
 with the decoder's code and tables in cache, instead of one at a time between other requests'
-work: 13 µs of server CPU a request less at c=64, measured with a minimal server. An error the
-callable raises goes to its own caller; the rest of the batch is answered.
+work: 29–37 µs of server CPU a request less for digitflow at c=64 with one PNG a request
+(`benchmarks/README.md`). An error the callable raises goes to its own caller; the rest of the
+batch is answered.
 
 Backpressure: at most `max_queued_images` images wait at once (`QueueFull` at once beyond that,
 instead of a queue that grows without bound), and a request still unanswered `timeout_ms` after
