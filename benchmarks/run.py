@@ -153,7 +153,7 @@ def format_row(r: dict[str, Any]) -> str:
         f"| {r['server']} (-w {r['workers']}) | {r['connections']} | {r['images_per_request']} "
         f"| {r['req_per_s']:,.0f} | {r['images_per_s']:,.0f} | {r['p50_ms']:.2f} "
         f"| {r['p99_ms']:.2f} | {r['errors']:.0f} | {r['accuracy']:.3f} "
-        f"| {r['server_cpu_cores']:.2f} | {r.get('client_cpu_cores', 0.0):.2f} "
+        f"| {r['server_cpu_cores']:.2f} | {r['client_cpu_cores']:.2f} "
         f"| {r['rss_mib']:,.0f} / {r['pss_mib']:,.0f} |"
     )
 
@@ -225,7 +225,7 @@ def ceiling_shares(rows: list[dict[str, Any]]) -> list[str]:
         f"{r['server']} at c={r['connections']}, {r['images_per_request']} img/req: "
         f"{r['images_per_s'] / r['ceiling_images_per_s']:.0%} of the {r['ceiling_engine']} "
         f"in-process ceiling ({r['ceiling_images_per_s']:,.0f} img/s); "
-        f"wrk took {r.get('client_cpu_cores', 0.0) / cores:.0%} of the {cores} cores"
+        f"wrk took {r['client_cpu_cores'] / cores:.0%} of the {cores} cores"
         for r in rows
         if r.get("ceiling_images_per_s", 0) > 0
     ]
